@@ -1,0 +1,28 @@
+from setuptools import setup
+
+# `kernels/` is a top-level folder of the repository but installs as the subpackage
+# `stop_fast.kernels`: a top-level module named `kernels` would clash with an unrelated package.
+setup(
+    name="stop_fast",
+    version="0.1.0",
+    description="STOP (spatial-temporal dynamic prompting) for CLIP video models, with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=["stop_fast", "stop_fast.model", "stop_fast.data", "stop_fast.kernels"],
+    package_dir={"stop_fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "open_clip_torch>=2.24",
+        "safetensors",
+        "tqdm",
+        "numpy",
+    ],
+    extras_require={
+        "video": ["av>=12"],
+        "dali": ["nvidia-dali-cuda130"],
+        "viz": ["matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "av>=12", "matplotlib"],
+    },
+    entry_points={"console_scripts": ["stop-fast=stop_fast.cli:main"]},
+)

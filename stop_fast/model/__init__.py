@@ -1,0 +1,3 @@
+from .stop import STOP
+
+__all__ = ["STOP"]
