@@ -10,6 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=["stop_fast", "stop_fast.model", "stop_fast.data", "stop_fast.kernels"],
+    package_data={"stop_fast": ["model_configs/*.json"]},
     package_dir={"stop_fast.kernels": "kernels"},
     install_requires=[
         "torch>=2.5",
