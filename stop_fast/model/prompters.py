@@ -11,7 +11,7 @@ class DynamicsConv(nn.Module):
 
     Input ``H`` is ``(B, T, N, 2D)`` with N = g * g; the convolution sees it as ``(B, 2D, T, g, g)``
     (channels E first, then E - E_prev; zero padding in time and space) and returns one logit per patch,
-    ``(B, T, N)``. It always runs in fp32: the scoring chain is computed in fp32 even under autocast.
+    ``(B, T, N)``. It runs outside autocast, in the weights' dtype (fp32): the scoring chain stays fp32 under bf16.
     """
 
     def __init__(self, width: int, grid: int):
@@ -23,7 +23,7 @@ class DynamicsConv(nn.Module):
         b, t, n, c = h.shape
         x = h.permute(0, 3, 1, 2).reshape(b, c, t, self.grid, self.grid)  # (B, 2D, T, g, g)
         with torch.autocast(device_type=h.device.type, enabled=False):
-            out = self.conv(x.float())  # (B, 1, T, g, g)
+            out = self.conv(x.to(self.conv.weight.dtype))  # (B, 1, T, g, g)
         return out.reshape(b, t, n)
 
 

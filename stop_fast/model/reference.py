@@ -29,14 +29,15 @@ def attention_map(visual, z: torch.Tensor) -> torch.Tensor:
     """Step 3 (paper Eq. 2): the CLS row of the frozen first block's attention, averaged over heads.
 
     ``u = ln_1(ln_pre(Z))``; ``A[j] = mean_h softmax_{j'}(q_cls,h . k_j',h / sqrt(d))[j]`` over all
-    N + 1 keys, keeping the N patch entries. (F, 1 + N, D) -> (F, N), fp32. No gradient.
+    N + 1 keys, keeping the N patch entries. (F, 1 + N, D) -> (F, N), at least fp32. No gradient.
     """
     block = visual.transformer.resblocks[0]
     heads = block.attn.num_heads
-    u = block.ln_1(visual.ln_pre(z)).float()  # (F, 1+N, D)
+    dtype = torch.promote_types(z.dtype, torch.float32)
+    u = block.ln_1(visual.ln_pre(z)).to(dtype)  # (F, 1+N, D)
     width = u.shape[-1]
-    w_q, w_k, _ = block.attn.in_proj_weight.float().chunk(3)
-    b_q, b_k, _ = block.attn.in_proj_bias.float().chunk(3)
+    w_q, w_k, _ = block.attn.in_proj_weight.to(dtype).chunk(3)
+    b_q, b_k, _ = block.attn.in_proj_bias.to(dtype).chunk(3)
     q = (u[:, 0] @ w_q.T + b_q).view(-1, heads, width // heads)  # (F, h, d)
     k = (u @ w_k.T + b_k).view(u.shape[0], u.shape[1], heads, width // heads)  # (F, 1+N, h, d)
     logits = torch.einsum("fhd,fjhd->fhj", q, k) / (width // heads) ** 0.5

@@ -45,17 +45,18 @@ def normalised_variation(v: torch.Tensor, eps: float) -> torch.Tensor:
 @torch.no_grad()
 def token_counts(v_hat: torch.Tensor, rho: int) -> torch.Tensor:
     """Step 9: ``n_t = ceil(rho * v^_t)`` in 0..rho (int32, no gradient); ``n_1 = 0`` since ``v^_1 = 0``."""
-    return torch.ceil(rho * v_hat.float()).clamp_(0, rho).to(torch.int32)
+    return torch.ceil(rho * v_hat).clamp_(0, rho).to(torch.int32)
 
 
 def pooled_changes(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Step 10's ``c_t = sum_j softmax_j(W_t)[j] * H_t[j]``: (B, T, N), (B, T, N, 2D) -> (B, T, 2D).
 
     ``H_t = [E_t || E_t - E_{t-1}]``, so this is exactly SPEC's ``[sum omega E || sum omega (E - E_prev)]``.
-    Computed in fp32, like the rest of the scoring chain.
+    Computed in at least fp32, like the rest of the scoring chain.
     """
-    omega = torch.softmax(w.float(), dim=-1)
-    return torch.einsum("btn,btnc->btc", omega, h.float())
+    dtype = torch.promote_types(w.dtype, torch.float32)
+    omega = torch.softmax(w.to(dtype), dim=-1)
+    return torch.einsum("btn,btnc->btc", omega, h.to(dtype))
 
 
 def frame_features(visual: nn.Module, cls_tokens: torch.Tensor) -> torch.Tensor:
@@ -65,5 +66,5 @@ def frame_features(visual: nn.Module, cls_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def video_feature(per_frame: torch.Tensor) -> torch.Tensor:
-    """Step 12: mean over frames, then L2 normalisation. (B, T, E) -> (B, E), in fp32."""
-    return F.normalize(per_frame.float().mean(dim=1), dim=-1)
+    """Step 12: mean over frames, then L2 normalisation. (B, T, E) -> (B, E), in at least fp32."""
+    return F.normalize(per_frame.to(torch.promote_types(per_frame.dtype, torch.float32)).mean(dim=1), dim=-1)

@@ -127,13 +127,19 @@ class STOP(nn.Module):
         self.load_trainable_state_dict(load_file(str(path), device=str(device)))
 
     # ------------------------------------------------------------------ encoders
-    def encode_video(self, video: torch.Tensor, impl: str = "reference") -> torch.Tensor:
-        """``video`` (B, T, 3, H, W) float, CLIP-normalised -> L2-normalised features (B, embed_dim)."""
-        return video_feature(self.encode_frames(video, impl=impl))
+    def encode_video(self, video: torch.Tensor, impl: str = "reference", check_inputs: bool = True) -> torch.Tensor:
+        """``video`` (B, T, 3, H, W) float, CLIP-normalised -> L2-normalised features (B, embed_dim).
 
-    def encode_frames(self, video: torch.Tensor, impl: str = "reference") -> torch.Tensor:
+        ``impl``: ``"reference"`` (plain PyTorch, padded frames) or ``"fast"`` (packed tokens through
+        ``stop_fast.kernels``; Triton on CUDA or under ``TRITON_INTERPRET=1``, PyTorch elsewhere).
+        ``check_inputs=False`` skips the NaN/Inf scan of the video, the one check that costs a host
+        synchronisation (shapes and dtypes are always checked).
+        """
+        return video_feature(self.encode_frames(video, impl=impl, check_inputs=check_inputs))
+
+    def encode_frames(self, video: torch.Tensor, impl: str = "reference", check_inputs: bool = True) -> torch.Tensor:
         """Per-frame features ``f_t`` (B, T, embed_dim) before the mean over frames (SPEC step 12)."""
-        self._check_video(video)
+        self._check_video(video, check_values=check_inputs)
         if impl == "reference":
             per_frame, _ = reference_forward(self, video)
         elif impl == "fast":
@@ -181,7 +187,7 @@ class STOP(nn.Module):
         return self.clip.logit_scale.exp().detach()
 
     # ------------------------------------------------------------------ checks
-    def _check_video(self, video: torch.Tensor) -> None:
+    def _check_video(self, video: torch.Tensor, check_values: bool = True) -> None:
         if not isinstance(video, torch.Tensor):
             raise ValueError(f"video must be a torch.Tensor, got {type(video).__name__}")
         if video.dim() != 5:
@@ -197,7 +203,7 @@ class STOP(nn.Module):
             raise ValueError("video must hold at least one clip (B >= 1)")
         if not video.is_floating_point():
             raise ValueError(f"video must be a float tensor (CLIP-normalised), got {video.dtype}")
-        if not bool(torch.isfinite(video).all()):
+        if check_values and not bool(torch.isfinite(video).all()):
             raise ValueError("video contains NaN or Inf values")
         device = next(self.clip.parameters()).device
         if video.device != device:
