@@ -1,4 +1,4 @@
-from setuptools import setup
+from setuptools import find_packages, setup
 
 # `kernels/` is a top-level folder of the repository but installs as the subpackage
 # `stop_fast.kernels`: a top-level module named `kernels` would clash with an unrelated package.
@@ -9,7 +9,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=["stop_fast", "stop_fast.model", "stop_fast.data", "stop_fast.kernels"],
+    packages=find_packages(include=["stop_fast", "stop_fast.*"]) + ["stop_fast.kernels"],
     package_data={"stop_fast": ["model_configs/*.json"]},
     package_dir={"stop_fast.kernels": "kernels"},
     install_requires=[
