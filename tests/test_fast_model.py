@@ -20,16 +20,31 @@ def _discrete_choices_are_stable(model, video) -> bool:
         if k < s.shape[-1] and (s[..., k - 1] - s[..., k]).min() < 1e-5:
             return False
     if "variation" in d:
-        scaled = model.config.rho * d["variation"].double()
-        if ((scaled - scaled.round()).abs()[scaled > 0] < 1e-5).any():
+        # the per-video minimum and maximum map to 0 and just below rho in both paths; only interior
+        # values can round to different counts
+        v_hat = d["variation"].double()
+        interior = (v_hat > 0) & (v_hat < v_hat.max(dim=1, keepdim=True).values)
+        scaled = model.config.rho * v_hat
+        if ((scaled - scaled.round()).abs()[interior] < 1e-5).any():
             return False
     return True
+
+
+def _stable_video(model, batch, seed):
+    """A random video whose top-K sets and token counts are clear of near-ties (first such seed)."""
+    for attempt in range(50):
+        video = random_video(model, batch=batch, seed=seed + 1000 * attempt)
+        if _discrete_choices_are_stable(model, video):
+            return video
+    raise AssertionError("no tie-free video found in 50 seeds")
 
 
 def _grads(model, video, impl):
     model.zero_grad(set_to_none=True)
     feats = model.encode_video(video, impl=impl)
-    weights = torch.linspace(-1, 1, feats.numel()).view_as(feats)
+    if model.num_trainable_parameters() == 0:
+        return feats, {}
+    weights = torch.linspace(-1, 1, feats.numel()).view_as(feats).to(feats)
     (feats * weights).sum().backward()
     return feats.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
@@ -53,8 +68,7 @@ CONFIGS = [
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()) or "default")
 def test_fast_matches_reference_features_and_gradients(cfg):
     model = make_stop(randomize=True, seed=7, **cfg)
-    video = random_video(model, batch=2, seed=11)
-    assert _discrete_choices_are_stable(model, video)
+    video = _stable_video(model, batch=2, seed=11)
 
     ref_feat, ref_grad = _grads(model, video, "reference")
     fast_feat, fast_grad = _grads(model, video, "fast")
@@ -63,15 +77,16 @@ def test_fast_matches_reference_features_and_gradients(cfg):
     truth_feat, truth_grad = _grads(model64, video.double(), "reference")
     assert _max_err(fast_feat, truth_feat) <= 2 * _max_err(ref_feat, truth_feat) + 1e-5
     assert set(fast_grad) == set(ref_grad)
+    # epsilon relative to the largest gradient: some gradients are exactly zero in exact arithmetic
+    # (k = 1 makes the gate constant), where either path's rounding is all that is left
+    scale = max([g.abs().max().item() for g in truth_grad.values()], default=0.0)
     for name in truth_grad:
-        scale = truth_grad[name].abs().max().item() + 1e-12
-        assert _max_err(fast_grad[name], truth_grad[name]) <= 2 * _max_err(ref_grad[name], truth_grad[name]) + 1e-5 * scale, name
+        assert _max_err(fast_grad[name], truth_grad[name]) <= 2 * _max_err(ref_grad[name], truth_grad[name]) + 1e-6 * scale, name
 
 
 def test_fast_path_uses_the_same_token_counts():
     model = make_stop(randomize=True, seed=3, num_frames=6)
-    video = random_video(model, batch=3, seed=5)
-    assert _discrete_choices_are_stable(model, video)
+    video = _stable_video(model, batch=3, seed=5)
     counts = model.explain(video)["counts"]
     assert counts.max() > 0  # the comparison below covers ragged sequences
     torch.testing.assert_close(model.encode_video(video, impl="fast"), model.encode_video(video), rtol=0, atol=1e-5)
@@ -89,8 +104,7 @@ def test_fast_path_batch_invariance():
 @pytest.mark.parametrize("name", ["stop-tiny", "ViT-B-32"])
 def test_fast_matches_reference_under_bf16_autocast(name):
     model = make_stop(name, randomize=True, seed=1, num_frames=8).cuda()
-    video = random_video(model, batch=4, seed=3).cuda()
-    assert _discrete_choices_are_stable(model, video)
+    video = _stable_video(model, batch=4, seed=3).cuda()
     model64 = copy.deepcopy(model).double()
     truth, truth_grad = _grads(model64, video.double(), "reference")
     with torch.autocast("cuda", dtype=torch.bfloat16):

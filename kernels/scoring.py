@@ -1,0 +1,407 @@
+"""Fused patch scoring: attention map, dynamics, score, top-K, gate and frame variation per frame.
+
+SPEC.md steps 3-6, the gate of step 7 and the variation term of step 8, for F frames at once:
+
+    logits[h, j] = u[j] . keys[h] + bias[h]                 j = 0..N (CLS included), the cheap form of
+                                                             step 3 (the caller folds q_cls and 1/sqrt(d))
+    A[j]   = mean_h softmax_j'(logits[h, :])[j]             j = 1..N
+    Dyn    = softmax(dyn_logits)                             (Conv3d_intra's logits)
+    S      = (1 - alpha) * A + alpha * Dyn
+    R      = the k largest S, largest first, exact ties to the lower index;  M = 1 on R
+    g[i]   = k * S[R_i] / sum_{r in R} S[r]
+    v      = mean_j |W[j]| * (1 + beta * M[j])              (W: Conv3d_inter's logits)
+
+Kernel (forward): one program per frame. The (N+1) x D tile of ``u`` streams through in BLOCK_D
+chunks into a ``tl.dot`` with the keys (fp32 accumulation, tf32x3 on tensor cores, i.e. fp32
+accuracy); everything of size N then stays in registers: per-head softmax over the N+1 keys, the
+mean over heads, Dyn, S, then k rounds of "take the maximum, lowest index on ties, mask it" that
+leave a rank per row. Gate, selected indices and variation are scattered out by rank. Reading ``u``
+is nearly all of the memory traffic. A, Dyn and S are written out (3 x 4 bytes per patch against the
+2 x D bytes of ``u``): tests and plots use A and S, the backward needs Dyn and S.
+
+Kernel (backward): one program per frame, registers only, visiting the k slots 16 at a time. With G = sum_{r in R} S[r] and upstream
+dg, dv:  dS[R_i] = k dg_i / G - k (sum_j dg_j S[R_j]) / G^2,  dDyn = alpha dS,
+d dyn_logits = Dyn * (dDyn - <Dyn, dDyn>),  dW[j] = dv / N * sign(W[j]) * (1 + beta M[j]).
+Nothing flows into A (frozen upstream).
+"""
+from __future__ import annotations
+
+import math
+from typing import List, NamedTuple, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .aot import CompileCase
+from .dispatch import interpreter_enabled, use_triton
+
+
+class PatchScores(NamedTuple):
+    attn: torch.Tensor  # A (F, N) fp32
+    dyn: torch.Tensor  # Dyn (F, N) fp32
+    score: torch.Tensor  # S (F, N) fp32
+    topk_idx: torch.Tensor  # R (F, k) int64, largest score first
+    gate: torch.Tensor  # g (F, k) fp32
+    variation: Optional[torch.Tensor]  # v (F,) fp32, None without inter_logits
+
+
+@triton.jit
+def _scores_fwd_kernel(
+    u_ptr, keys_ptr, bias_ptr, dyn_logits_ptr, w_ptr,
+    attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
+    N, D, H, K, alpha, beta,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    f = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)  # token j = 0..N; patch j-1 for j >= 1
+    heads = tl.arange(0, BLOCK_H)
+    row_ok = rows <= N
+    patch = (rows >= 1) & row_ok
+    head_ok = heads < H
+
+    # logits[j, h] = u[j] . keys[h]: stream u through in BLOCK_D chunks
+    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    u_base = u_ptr + f * (N + 1) * D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        u = tl.load(u_base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        kt = tl.load(keys_ptr + heads[None, :] * D + cols[:, None], mask=head_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = tl.dot(u.to(tl.float32), kt.to(tl.float32), acc, input_precision=PRECISION)
+    bias = tl.load(bias_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
+    logits = tl.where(row_ok[:, None], acc + bias[None, :], float("-inf"))
+
+    # A: per-head softmax over the N+1 keys, averaged over the real heads
+    m = tl.max(logits, axis=0)
+    p = tl.exp(logits - m[None, :])
+    p = p / tl.sum(p, axis=0)[None, :]
+    attn = tl.sum(tl.where(head_ok[None, :], p, 0.0), axis=1) / H
+
+    # Dyn and S over the N patches
+    out_off = f * N + rows - 1
+    dl = tl.load(dyn_logits_ptr + out_off, mask=patch, other=float("-inf")).to(tl.float32)
+    e = tl.exp(dl - tl.max(dl, axis=0))
+    e = tl.where(patch, e, 0.0)
+    dyn = e / tl.sum(e, axis=0)
+    score = (1.0 - alpha) * attn + alpha * dyn
+    tl.store(attn_ptr + out_off, attn, mask=patch)
+    tl.store(dyn_ptr + out_off, dyn, mask=patch)
+    tl.store(score_ptr + out_off, score, mask=patch)
+
+    # top-k: k rounds of arg-max with the lowest index on ties; each selected row keeps its rank
+    work = tl.where(patch, score, float("-inf"))
+    rank = tl.full([BLOCK_N], -1, dtype=tl.int32)
+    for i in range(0, K):
+        best = tl.max(work, axis=0)
+        pick = tl.min(tl.where(work == best, rows, BLOCK_N), axis=0)
+        rank = tl.where(rows == pick, i, rank)
+        work = tl.where(rows == pick, float("-inf"), work)
+    selected = rank >= 0
+    total = tl.sum(tl.where(selected, score, 0.0), axis=0)
+    slot = f * K + tl.maximum(rank, 0)
+    tl.store(topk_ptr + slot, (rows - 1).to(tl.int64), mask=selected)
+    tl.store(gate_ptr + slot, K * score / total, mask=selected)
+
+    if HAS_W:
+        w = tl.load(w_ptr + out_off, mask=patch, other=0.0).to(tl.float32)
+        weight = tl.where(selected, 1.0 + beta, 1.0)
+        tl.store(var_ptr + f, tl.sum(tl.abs(w) * weight, axis=0) / N)
+
+
+@triton.jit
+def _scores_bwd_kernel(
+    dgate_ptr, dvar_ptr, dyn_ptr, score_ptr, topk_ptr, w_ptr,
+    d_dyn_logits_ptr, dw_ptr,
+    N, K, alpha, beta,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    f = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)  # patch index 0..N-1
+    row_ok = rows < N
+    score = tl.load(score_ptr + f * N + rows, mask=row_ok, other=0.0)
+    dyn = tl.load(dyn_ptr + f * N + rows, mask=row_ok, other=0.0)
+
+    # Slots are visited BLOCK_K at a time, so the row/slot compare stays BLOCK_N x BLOCK_K for any k.
+    # Pass 1: G = sum S[R_i] and sum_i dg_i S[R_i].
+    total = 0.0
+    weighted = 0.0
+    for k0 in range(0, K, BLOCK_K):
+        slots = k0 + tl.arange(0, BLOCK_K)
+        slot_ok = slots < K
+        sel = tl.load(topk_ptr + f * K + slots, mask=slot_ok, other=-1)
+        hit = (rows[:, None] == sel[None, :]) & slot_ok[None, :]
+        s_top = tl.sum(tl.where(hit, score[:, None], 0.0), axis=0)
+        dg = tl.load(dgate_ptr + f * K + slots, mask=slot_ok, other=0.0).to(tl.float32)
+        total += tl.sum(s_top, axis=0)
+        weighted += tl.sum(dg * s_top, axis=0)
+    # Pass 2: dS[R_i] = k dg_i / G - k weighted / G^2, moved back onto rows.
+    d_dyn = tl.zeros([BLOCK_N], dtype=tl.float32)
+    selected = tl.zeros([BLOCK_N], dtype=tl.int1)
+    for k0 in range(0, K, BLOCK_K):
+        slots = k0 + tl.arange(0, BLOCK_K)
+        slot_ok = slots < K
+        sel = tl.load(topk_ptr + f * K + slots, mask=slot_ok, other=-1)
+        hit = (rows[:, None] == sel[None, :]) & slot_ok[None, :]
+        dg = tl.load(dgate_ptr + f * K + slots, mask=slot_ok, other=0.0).to(tl.float32)
+        ds_top = K * dg / total - K * weighted / (total * total)
+        d_dyn += alpha * tl.sum(tl.where(hit, ds_top[None, :], 0.0), axis=1)
+        selected = selected | (tl.sum(hit.to(tl.int32), axis=1) > 0)
+    d_logits = dyn * (d_dyn - tl.sum(dyn * d_dyn, axis=0))
+    tl.store(d_dyn_logits_ptr + f * N + rows, d_logits.to(d_dyn_logits_ptr.dtype.element_ty), mask=row_ok)
+
+    if HAS_W:
+        w = tl.load(w_ptr + f * N + rows, mask=row_ok, other=0.0).to(tl.float32)
+        dv = tl.load(dvar_ptr + f).to(tl.float32)
+        sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
+        dw = dv / N * sign * tl.where(selected, 1.0 + beta, 1.0)
+        tl.store(dw_ptr + f * N + rows, dw.to(dw_ptr.dtype.element_ty), mask=row_ok)
+
+
+def _fwd_blocks(n: int, heads: int, width: int) -> Tuple[int, int, int]:
+    block_n = max(16, triton.next_power_of_2(n + 1))
+    block_h = max(16, triton.next_power_of_2(heads))
+    # tf32x3 dots triple the operand registers: chunks of 32 columns (16 past 64 rows) keep every
+    # shipped shape free of spills on sm_90 (see compile_cases and `python -m stop_fast.kernels.aot`).
+    block_d = 32 if block_n <= 64 else 16
+    return block_n, block_d, block_h
+
+
+def _num_warps(block_n: int) -> int:
+    # measured with ptxas for sm_90: 8 warps up to 128 rows, 16 at 256 (107 registers), and back to 8
+    # at 512 rows, where 16 warps would cap registers at 128 and spill
+    return 16 if block_n == 256 else 8
+
+
+def _launch_forward(u, keys, bias, dyn_logits, w, k, alpha, beta):
+    frames, length, width = u.shape
+    n, heads = length - 1, keys.shape[0]
+    dev = u.device
+    attn = torch.empty(frames, n, dtype=torch.float32, device=dev)
+    dyn = torch.empty_like(attn)
+    score = torch.empty_like(attn)
+    topk = torch.empty(frames, k, dtype=torch.int64, device=dev)
+    gate = torch.empty(frames, k, dtype=torch.float32, device=dev)
+    var = torch.empty(frames if w is not None else 0, dtype=torch.float32, device=dev)
+    if frames == 0:
+        return attn, dyn, score, topk, gate, var
+    block_n, block_d, block_h = _fwd_blocks(n, heads, width)
+    _scores_fwd_kernel[(frames,)](
+        u, keys, bias, dyn_logits, w if w is not None else dyn_logits,
+        attn, dyn, score, topk, gate, var if w is not None else gate,
+        n, width, heads, k, float(alpha), float(beta),
+        HAS_W=w is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h,
+        PRECISION="ieee" if interpreter_enabled() else "tf32x3", num_warps=_num_warps(block_n),
+    )
+    return attn, dyn, score, topk, gate, var
+
+
+def _launch_backward(dgate, dvar, dyn, score, topk, w, dyn_logits_dtype, k, alpha, beta):
+    frames, n = dyn.shape
+    d_logits = torch.empty(frames, n, dtype=dyn_logits_dtype, device=dyn.device)
+    dw = torch.empty_like(w) if w is not None else dyn.new_empty(0)
+    if frames == 0:
+        return d_logits, dw
+    block_n = max(16, triton.next_power_of_2(n))
+    _scores_bwd_kernel[(frames,)](
+        dgate.contiguous(), dvar.contiguous() if w is not None else dgate, dyn, score, topk,
+        w if w is not None else dyn, d_logits, dw if w is not None else d_logits,
+        n, k, float(alpha), float(beta),
+        HAS_W=w is not None, BLOCK_N=block_n, BLOCK_K=16,
+        num_warps=_num_warps(block_n),
+    )
+    return d_logits, dw
+
+
+# --------------------------------------------------------------------------- PyTorch semantics
+def patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta) -> PatchScores:
+    """The same function in plain PyTorch (any float dtype, float64 included): the fallback without
+    Triton and the tests' ground truth. Differentiable w.r.t. dyn_logits and inter_logits."""
+    acc = torch.promote_types(torch.promote_types(u.dtype, dyn_logits.dtype), torch.float32)
+    with torch.no_grad():
+        logits = torch.einsum("fjd,hd->fhj", u.to(acc), cls_keys.to(acc)) + cls_bias.to(acc)[None, :, None]
+        attn = logits.softmax(dim=-1).mean(dim=1)[:, 1:]
+    dyn = dyn_logits.to(acc).softmax(dim=-1)
+    score = (1 - alpha) * attn + alpha * dyn
+    topk = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    s_top = score.gather(1, topk)
+    gate = k * s_top / s_top.sum(dim=1, keepdim=True)
+    variation = None
+    if inter_logits is not None:
+        in_top = torch.zeros_like(score).scatter(1, topk, 1.0)
+        variation = (inter_logits.to(acc).abs() * (1 + beta * in_top)).mean(dim=1)
+    return PatchScores(attn, dyn, score, topk, gate, variation)
+
+
+# --------------------------------------------------------------------------- custom ops + autograd
+@torch.library.custom_op("stop_fast::patch_scores", mutates_args=())
+def _scores_op(
+    u: torch.Tensor, cls_keys: torch.Tensor, cls_bias: torch.Tensor, dyn_logits: torch.Tensor,
+    inter_logits: Optional[torch.Tensor], k: int, alpha: float, beta: float,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    if use_triton(u):
+        return _launch_forward(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
+    r = patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
+    var = r.variation if r.variation is not None else r.gate.new_empty(0)
+    return tuple(t.detach().clone() for t in (r.attn, r.dyn, r.score, r.topk_idx, r.gate, var))
+
+
+@_scores_op.register_fake
+def _(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta):
+    frames, n = dyn_logits.shape
+    acc = torch.promote_types(torch.promote_types(u.dtype, dyn_logits.dtype), torch.float32)
+    maps = [u.new_empty(frames, n, dtype=acc) for _ in range(3)]
+    return (*maps, u.new_empty(frames, k, dtype=torch.int64), u.new_empty(frames, k, dtype=acc),
+            u.new_empty(frames if inter_logits is not None else 0, dtype=acc))
+
+
+@torch.library.custom_op("stop_fast::patch_scores_backward", mutates_args=())
+def _scores_backward_op(
+    dgate: torch.Tensor, dvar: torch.Tensor, dyn: torch.Tensor, score: torch.Tensor, topk_idx: torch.Tensor,
+    dyn_logits: torch.Tensor, inter_logits: Optional[torch.Tensor], k: int, alpha: float, beta: float,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    if use_triton(dyn):
+        return _launch_backward(dgate, dvar, dyn, score, topk_idx, inter_logits, dyn_logits.dtype, k, alpha, beta)
+    # Without Triton: the closed form above, in PyTorch.
+    s_top = score.gather(1, topk_idx)
+    total = s_top.sum(dim=1, keepdim=True)
+    ds_top = k * dgate / total - k * (dgate * s_top).sum(dim=1, keepdim=True) / total**2
+    d_dyn = torch.zeros_like(score).scatter(1, topk_idx, alpha * ds_top)
+    d_logits = (dyn * (d_dyn - (dyn * d_dyn).sum(dim=1, keepdim=True))).to(dyn_logits.dtype)
+    if inter_logits is None:
+        return d_logits, dyn.new_empty(0)
+    in_top = torch.zeros_like(score).scatter(1, topk_idx, 1.0)
+    dw = dvar[:, None] / score.shape[1] * torch.sign(inter_logits).to(score.dtype) * (1 + beta * in_top)
+    return d_logits, dw.to(inter_logits.dtype)
+
+
+@_scores_backward_op.register_fake
+def _(dgate, dvar, dyn, score, topk_idx, dyn_logits, inter_logits, k, alpha, beta):
+    return torch.empty_like(dyn_logits), (torch.empty_like(inter_logits) if inter_logits is not None else dyn.new_empty(0))
+
+
+def _setup_context(ctx, inputs, output):
+    _, _, _, dyn_logits, inter_logits, k, alpha, beta = inputs
+    _, dyn, score, topk, _, _ = output
+    ctx.save_for_backward(dyn, score, topk, dyn_logits, inter_logits)
+    ctx.k, ctx.alpha, ctx.beta = k, alpha, beta
+    ctx.has_w = inter_logits is not None
+    ctx.mark_non_differentiable(output[0], output[1], output[2], output[3])
+
+
+def _backward(ctx, _dattn, _ddyn, _dscore, _dtopk, dgate, dvar):
+    dyn, score, topk, dyn_logits, inter_logits = ctx.saved_tensors
+    if dgate is None:
+        dgate = torch.zeros_like(score[:, : ctx.k])
+    if dvar is None or (ctx.has_w and dvar.numel() == 0):
+        dvar = score.new_zeros(score.shape[0] if ctx.has_w else 0)
+    d_logits, dw = _scores_backward_op(dgate, dvar, dyn, score, topk, dyn_logits, inter_logits, ctx.k, ctx.alpha, ctx.beta)
+    return None, None, None, d_logits, (dw if ctx.has_w else None), None, None, None
+
+
+_scores_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------- public entry point
+def patch_scores(
+    u: torch.Tensor,
+    cls_keys: torch.Tensor,
+    cls_bias: torch.Tensor,
+    dyn_logits: torch.Tensor,
+    inter_logits: Optional[torch.Tensor],
+    k: int,
+    alpha: float,
+    beta: float,
+    *,
+    check_inputs: bool = True,
+) -> PatchScores:
+    """Score the patches of F frames and pick the top k of each (see the module docstring).
+
+    Args:
+        u: (F, N+1, D) ``ln_1(ln_pre(Z))`` of the frozen first block, CLS token in row 0.
+        cls_keys, cls_bias: (Hh, D), (Hh,): the CLS query folded into the key projection, already
+            scaled by 1/sqrt(head_dim).
+        dyn_logits: (F, N) Conv3d_intra logits. inter_logits: (F, N) Conv3d_inter logits, or None.
+        k: patches to select, 1..N. alpha in [0, 1], beta >= 0.
+        check_inputs: also scan the float inputs for NaN/Inf (costs a host sync); shapes, dtypes,
+            devices and ranges of the scalars are always checked.
+    Returns :class:`PatchScores`; ``gate`` and ``variation`` carry gradient to ``dyn_logits`` and
+    ``inter_logits``; nothing flows into ``u`` or the keys.
+    """
+    _validate(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta, check_inputs)
+    attn, dyn, score, topk, gate, var = _scores_op(u, cls_keys, cls_bias, dyn_logits, inter_logits, int(k), float(alpha), float(beta))
+    return PatchScores(attn, dyn, score, topk, gate, var if inter_logits is not None else None)
+
+
+def _validate(u, keys, bias, dyn_logits, inter_logits, k, alpha, beta, check_values: bool) -> None:
+    if not isinstance(u, torch.Tensor) or u.dim() != 3 or not u.is_floating_point():
+        raise ValueError(f"u must be a float tensor (F, N+1, D), got {getattr(u, 'dtype', type(u))} {tuple(getattr(u, 'shape', ()))}")
+    frames, length, width = u.shape
+    n = length - 1
+    if n < 1:
+        raise ValueError(f"u must hold the CLS row and at least one patch, got N+1 = {length}")
+    if not isinstance(keys, torch.Tensor) or keys.dim() != 2 or keys.shape[1] != width or not keys.is_floating_point():
+        raise ValueError(f"cls_keys must be a float tensor (heads, {width}), got {tuple(getattr(keys, 'shape', ()))}")
+    if not isinstance(bias, torch.Tensor) or bias.shape != (keys.shape[0],) or not bias.is_floating_point():
+        raise ValueError(f"cls_bias must be a float tensor ({keys.shape[0]},), got {tuple(getattr(bias, 'shape', ()))}")
+    if keys.shape[0] < 1 or keys.shape[0] > 64:
+        raise ValueError(f"cls_keys must have 1..64 heads, got {keys.shape[0]}")
+    if not isinstance(dyn_logits, torch.Tensor) or dyn_logits.shape != (frames, n) or not dyn_logits.is_floating_point():
+        raise ValueError(f"dyn_logits must be a float tensor ({frames}, {n}), got {tuple(getattr(dyn_logits, 'shape', ()))}")
+    tensors = {"u": u, "cls_keys": keys, "cls_bias": bias, "dyn_logits": dyn_logits}
+    if inter_logits is not None:
+        if not isinstance(inter_logits, torch.Tensor) or inter_logits.shape != (frames, n) or not inter_logits.is_floating_point():
+            raise ValueError(f"inter_logits must be a float tensor ({frames}, {n}) or None, got {tuple(getattr(inter_logits, 'shape', ()))}")
+        tensors["inter_logits"] = inter_logits
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
+        raise ValueError(f"k must be an int in 1..N = {n}, got {k!r}")
+    if not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must lie in [0, 1], got {alpha!r}")
+    if not isinstance(beta, (int, float)) or not math.isfinite(beta) or beta < 0:
+        raise ValueError(f"beta must be a finite number >= 0, got {beta!r}")
+    for name, t in tensors.items():
+        if t.device != u.device:
+            raise ValueError(f"{name} is on {t.device}, but u is on {u.device}")
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+    if check_values:
+        for name, t in tensors.items():
+            if not bool(torch.isfinite(t).all()):
+                raise ValueError(f"{name} contains NaN or Inf")
+
+
+# --------------------------------------------------------------------------- shipped configurations
+def compile_cases() -> List[CompileCase]:
+    """Every launch configuration of the shipped models: (N, heads, D) of stop-tiny, ViT-B/32,
+    ViT-B/16 and ViT-L/14 at their native resolution, each u dtype, with and without W."""
+    cases = []
+    shapes = {"tiny": (49, 4, 128), "b32": (49, 12, 768), "b16": (196, 12, 768), "l14": (256, 16, 1024)}
+    types = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
+    for model, (n, heads, width) in shapes.items():
+        block_n, block_d, block_h = _fwd_blocks(n, heads, width)
+        for t, ptr in types.items():
+            for has_w in (True, False):
+                sig = {
+                    "u_ptr": ptr, "keys_ptr": "*fp32", "bias_ptr": "*fp32", "dyn_logits_ptr": "*fp32", "w_ptr": "*fp32",
+                    "attn_ptr": "*fp32", "dyn_ptr": "*fp32", "score_ptr": "*fp32", "topk_ptr": "*i64",
+                    "gate_ptr": "*fp32", "var_ptr": "*fp32",
+                    "N": "i32", "D": "i32", "H": "i32", "K": "i32", "alpha": "fp32", "beta": "fp32",
+                    "HAS_W": "constexpr", "BLOCK_N": "constexpr", "BLOCK_D": "constexpr", "BLOCK_H": "constexpr",
+                    "PRECISION": "constexpr",
+                }
+                consts = dict(HAS_W=has_w, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h, PRECISION="tf32x3")
+                cases.append(CompileCase(f"scores_fwd_{model}_{t}_w{int(has_w)}", _scores_fwd_kernel, sig, consts,
+                                         num_warps=_num_warps(block_n)))
+        for has_w in (True, False):
+            block = max(16, triton.next_power_of_2(n))
+            sig = {
+                "dgate_ptr": "*fp32", "dvar_ptr": "*fp32", "dyn_ptr": "*fp32", "score_ptr": "*fp32", "topk_ptr": "*i64",
+                "w_ptr": "*fp32", "d_dyn_logits_ptr": "*fp32", "dw_ptr": "*fp32",
+                "N": "i32", "K": "i32", "alpha": "fp32", "beta": "fp32",
+                "HAS_W": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+            }
+            consts = dict(HAS_W=has_w, BLOCK_N=block, BLOCK_K=16)
+            cases.append(CompileCase(f"scores_bwd_{model}_w{int(has_w)}", _scores_bwd_kernel, sig, consts,
+                                     num_warps=_num_warps(block)))
+    return cases
