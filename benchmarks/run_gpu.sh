@@ -22,5 +22,5 @@ step scoring.txt python3 benchmarks/bench_scoring.py --out "$out/scoring.json"
 step packing.txt python3 benchmarks/bench_packing.py --out "$out/packing.json"
 step model.txt python3 benchmarks/bench_model.py --out "$out/model.json" --compile
 step decode.txt python3 benchmarks/bench_decode.py --out "$out/decode.json"
-step kernel_report.txt python3 -m stop_fast.kernels.aot --json "$out/kernel_report.json"
+step kernel_report.txt python3 -m stop_fast.kernels.compile_report --json "$out/kernel_report.json"
 exit $status

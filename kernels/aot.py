@@ -3,7 +3,7 @@
 Triton's real compiler runs on any machine: it lowers a kernel to PTX for, say, sm_90, and Triton's
 bundled ``ptxas`` reports registers, stack frame and spill bytes. CI uses this to prove that every
 kernel compiles at every configuration it ships (the interpreter accepts programs the compiler
-refuses), and ``python -m stop_fast.kernels.aot`` prints the report.
+refuses), and ``python -m stop_fast.kernels.compile_report`` prints the report.
 
 Each kernel module lists its shipped configurations in a ``compile_cases()`` function returning
 :class:`CompileCase` objects.
@@ -88,33 +88,9 @@ def compile_case(case: CompileCase, arch: int = 90) -> CompileReport:
 
 def all_cases() -> List[CompileCase]:
     """Every shipped configuration of every kernel module."""
-    from . import packing, scoring, varlen_attention
+    import importlib
 
     cases: List[CompileCase] = []
-    for module in (varlen_attention, scoring, packing):
-        cases.extend(module.compile_cases())
+    for name in ("varlen_attention", "scoring", "packing"):
+        cases.extend(importlib.import_module(f"{__package__}.{name}").compile_cases())
     return cases
-
-
-def main() -> None:  # pragma: no cover - a report, exercised by CI through the tests
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(description="Compile every Triton kernel for a GPU arch and report registers/spills.")
-    parser.add_argument("--arch", type=int, action="append", help="SM version(s), default 90 and 80")
-    parser.add_argument("--json", help="also write the report to this file")
-    args = parser.parse_args()
-    rows = []
-    for arch in args.arch or ARCHS:
-        for case in all_cases():
-            r = compile_case(case, arch)
-            rows.append(dataclasses.asdict(r))
-            flag = "  <- SPILLS" if r.spills else ""
-            print(f"sm_{arch}  {r.name:60s} regs {r.registers:4d}  spill {r.spills:5d} B  smem {r.shared_memory:6d} B{flag}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    main()

@@ -199,7 +199,8 @@ def pack_sequences_reference(
     intra: Optional[torch.Tensor] = None,
     inter: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """The same function in plain PyTorch: the fallback without Triton and the tests' ground truth."""
+    """The same function in plain PyTorch, differentiable by autograd (float64 included): what runs
+    where Triton cannot, and the tests' ground truth."""
     frames, length, width = z.shape
     e = z[:, 1:]
     if topk_idx is not None:
@@ -215,16 +216,14 @@ def pack_sequences_reference(
     return full[keep]
 
 
-# --------------------------------------------------------------------------- custom op + autograd
+# --------------------------------------------------------------------------- custom ops + autograd (Triton)
 @torch.library.custom_op("stop_fast::pack_sequences", mutates_args=())
 def _pack_op(
     z: torch.Tensor, counts: torch.Tensor, cu_seqlens: torch.Tensor, total_tokens: int,
     topk_idx: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     intra: Optional[torch.Tensor], inter: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    if use_triton(z):
-        return _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
-    return pack_sequences_reference(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
+    return _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
 
 
 @_pack_op.register_fake
@@ -238,20 +237,7 @@ def _pack_backward_op(
     topk_idx: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     intra: Optional[torch.Tensor], inter: Optional[torch.Tensor],
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(dx):
-        return _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter)
-    # Without Triton, differentiate the PyTorch semantics themselves.
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (z, gate, intra, inter)]
-    with torch.enable_grad():
-        out = pack_sequences_reference(leaves[0], counts, cu_seqlens, dx.shape[0], topk_idx, leaves[1], leaves[2], leaves[3])
-        wanted = [t for t in leaves if t is not None]
-        grads = torch.autograd.grad(out, wanted, dx, allow_unused=True)
-    grads = iter(grads)
-    result = []
-    for t in leaves:
-        g = next(grads) if t is not None else None
-        result.append(z.new_empty(0) if t is None else (g if g is not None else torch.zeros_like(t)))
-    return tuple(result)
+    return _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter)
 
 
 @_pack_backward_op.register_fake
@@ -331,6 +317,8 @@ def pack_sequences(
     Differentiable w.r.t. z, gate, intra and inter.
     """
     _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter, check_inputs)
+    if z.dtype == torch.float64 or not use_triton(z):
+        return pack_sequences_reference(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
     return _pack_op(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
 
 

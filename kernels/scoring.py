@@ -216,8 +216,8 @@ def _launch_backward(dgate, dvar, dyn, score, topk, w, dyn_logits_dtype, k, alph
 
 # --------------------------------------------------------------------------- PyTorch semantics
 def patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta) -> PatchScores:
-    """The same function in plain PyTorch (any float dtype, float64 included): the fallback without
-    Triton and the tests' ground truth. Differentiable w.r.t. dyn_logits and inter_logits."""
+    """The same function in plain PyTorch (any float dtype, float64 included), differentiable by
+    autograd w.r.t. dyn_logits and inter_logits: what runs where Triton cannot, and the tests' truth."""
     acc = torch.promote_types(torch.promote_types(u.dtype, dyn_logits.dtype), torch.float32)
     with torch.no_grad():
         logits = torch.einsum("fjd,hd->fhj", u.to(acc), cls_keys.to(acc)) + cls_bias.to(acc)[None, :, None]
@@ -234,17 +234,13 @@ def patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, a
     return PatchScores(attn, dyn, score, topk, gate, variation)
 
 
-# --------------------------------------------------------------------------- custom ops + autograd
+# --------------------------------------------------------------------------- custom ops + autograd (Triton)
 @torch.library.custom_op("stop_fast::patch_scores", mutates_args=())
 def _scores_op(
     u: torch.Tensor, cls_keys: torch.Tensor, cls_bias: torch.Tensor, dyn_logits: torch.Tensor,
     inter_logits: Optional[torch.Tensor], k: int, alpha: float, beta: float,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(u):
-        return _launch_forward(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
-    r = patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
-    var = r.variation if r.variation is not None else r.gate.new_empty(0)
-    return tuple(t.detach().clone() for t in (r.attn, r.dyn, r.score, r.topk_idx, r.gate, var))
+    return _launch_forward(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
 
 
 @_scores_op.register_fake
@@ -261,19 +257,7 @@ def _scores_backward_op(
     dgate: torch.Tensor, dvar: torch.Tensor, dyn: torch.Tensor, score: torch.Tensor, topk_idx: torch.Tensor,
     dyn_logits: torch.Tensor, inter_logits: Optional[torch.Tensor], k: int, alpha: float, beta: float,
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(dyn):
-        return _launch_backward(dgate, dvar, dyn, score, topk_idx, inter_logits, dyn_logits.dtype, k, alpha, beta)
-    # Without Triton: the closed form above, in PyTorch.
-    s_top = score.gather(1, topk_idx)
-    total = s_top.sum(dim=1, keepdim=True)
-    ds_top = k * dgate / total - k * (dgate * s_top).sum(dim=1, keepdim=True) / total**2
-    d_dyn = torch.zeros_like(score).scatter(1, topk_idx, alpha * ds_top)
-    d_logits = (dyn * (d_dyn - (dyn * d_dyn).sum(dim=1, keepdim=True))).to(dyn_logits.dtype)
-    if inter_logits is None:
-        return d_logits, dyn.new_empty(0)
-    in_top = torch.zeros_like(score).scatter(1, topk_idx, 1.0)
-    dw = dvar[:, None] / score.shape[1] * torch.sign(inter_logits).to(score.dtype) * (1 + beta * in_top)
-    return d_logits, dw.to(inter_logits.dtype)
+    return _launch_backward(dgate, dvar, dyn, score, topk_idx, inter_logits, dyn_logits.dtype, k, alpha, beta)
 
 
 @_scores_backward_op.register_fake
@@ -330,6 +314,8 @@ def patch_scores(
     ``inter_logits``; nothing flows into ``u`` or the keys.
     """
     _validate(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta, check_inputs)
+    if torch.float64 in (u.dtype, dyn_logits.dtype) or not use_triton(u):
+        return patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, int(k), float(alpha), float(beta))
     attn, dyn, score, topk, gate, var = _scores_op(u, cls_keys, cls_bias, dyn_logits, inter_logits, int(k), float(alpha), float(beta))
     return PatchScores(attn, dyn, score, topk, gate, var if inter_logits is not None else None)
 

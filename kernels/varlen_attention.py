@@ -7,7 +7,7 @@ crosses sequences:  ``out_i = sum_j softmax_j(scale * q_i . k_j) v_j`` over j of
 Forward kernel: one program per (query block of BLOCK_M rows, sequence, head). It walks the key blocks
 of its own sequence with the online softmax (running max m and sum l, in base 2 so ``exp2`` does the
 work), accumulating ``P V`` in fp32; no L x L matrix ever reaches memory. It stores the output and the
-row's logsumexp (natural log, fp32) for the backward.
+row's logsumexp (fp32, in log2 units, so the backward recomputes P bit for bit as the forward did).
 
 Backward: ``delta_i = <dO_i, O_i>`` (one PyTorch reduction), then two kernels, no atomics:
 - per (key block, sequence, head): recompute ``P = exp(scale q k^T - lse)`` block by block over the
@@ -84,8 +84,8 @@ def _attn_fwd_kernel(
     out = acc / l[:, None]
     tl.store(o_ptr + rows[:, None] * (num_heads * HEAD_DIM) + dims[None, :], out.to(o_ptr.dtype.element_ty),
              mask=row_ok[:, None])
-    lse = (m + tl.log2(l)) / 1.4426950408889634  # natural log
-    tl.store(lse_ptr + rows * num_heads, lse, mask=row_ok)
+    # logsumexp in log2 units: the backward recomputes P with the very same exp2 as this loop
+    tl.store(lse_ptr + rows * num_heads, m + tl.log2(l), mask=row_ok)
 
 
 @triton.jit
@@ -126,8 +126,8 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + rows * num_heads, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows * num_heads, mask=row_ok, other=0.0)
         # P^T (BLOCK_N, BLOCK_M): keys along rows so both accumulations are plain dots
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * scale
-        pt = tl.exp(st - lse[None, :])
+        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        pt = tl.exp2(st - lse[None, :])
         pt = tl.where(row_ok[None, :] & key_ok[:, None], pt, 0.0)
         dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
         dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
@@ -173,8 +173,8 @@ def _attn_bwd_dq_kernel(
         key_ok = keys < length
         k = tl.load(k_ptr + keys[:, None] * sk_t + dims[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_ptr + keys[:, None] * sv_t + dims[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
-        p = tl.exp(s - lse[:, None])
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        p = tl.exp2(s - lse[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
@@ -258,9 +258,9 @@ def _token_positions(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor
     return seq, token - cu_seqlens.long()[seq]
 
 
-def _attention_torch(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+def _attention_torch(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torch.Tensor:
     """Loop-free PyTorch: scatter the tokens into a padded (S, Lmax) layout, masked softmax, gather back.
-    Exact in float64, differentiable; the fallback without Triton."""
+    Differentiable by autograd and exact in float64; what runs where Triton cannot."""
     total, heads, head_dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     seq, pos = _token_positions(cu_seqlens, total)
@@ -275,10 +275,9 @@ def _attention_torch(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> Tupl
     key_ok = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # (S, L)
     scores = torch.einsum("sihd,sjhd->shij", qp, kp) * scale
     scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
-    lse = torch.logsumexp(scores, dim=-1)  # (S, H, L)
-    probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows of padded queries are all -inf
     out = torch.einsum("shij,sjhd->sihd", probs, vp)
-    return out[seq, pos].to(q.dtype), lse.permute(0, 2, 1)[seq, pos].float()
+    return out[seq, pos].to(q.dtype)
 
 
 def varlen_attention_reference(q, k, v, cu_seqlens, softmax_scale: Optional[float] = None) -> torch.Tensor:
@@ -293,14 +292,11 @@ def varlen_attention_reference(q, k, v, cu_seqlens, softmax_scale: Optional[floa
     return out
 
 
-# --------------------------------------------------------------------------- custom ops + autograd
+# --------------------------------------------------------------------------- custom ops + autograd (Triton)
 @torch.library.custom_op("stop_fast::varlen_attention", mutates_args=())
 def _attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
              max_seqlen: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    if use_triton(q):
-        return _launch_forward(q, k, v, cu_seqlens, max_seqlen, scale)
-    out, lse = _attention_torch(q, k, v, cu_seqlens, max_seqlen, scale)
-    return out.contiguous(), lse.contiguous()
+    return _launch_forward(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 @_attn_op.register_fake
@@ -312,13 +308,7 @@ def _(q, k, v, cu_seqlens, max_seqlen, scale):
 def _attn_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                       lse: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    if use_triton(do):
-        return _launch_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
-    leaves = [t.detach().requires_grad_(True) for t in (q, k, v)]
-    with torch.enable_grad():
-        o, _ = _attention_torch(*leaves, cu_seqlens, max_seqlen, scale)
-        grads = torch.autograd.grad(o, leaves, do)
-    return tuple(g.contiguous() for g in grads)
+    return _launch_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale)
 
 
 @_attn_backward_op.register_fake
@@ -357,8 +347,8 @@ def varlen_attention(
     """Attention within each packed sequence (flash-attention's varlen interface).
 
     Args:
-        q, k, v: (total_tokens, heads, head_dim), one float dtype (fp32, fp16, bf16), last dim
-            contiguous; head_dim in (16, 32, 64, 128).
+        q, k, v: (total_tokens, heads, head_dim), one float dtype (fp32, fp16, bf16; float64 runs the
+            PyTorch implementation), last dim contiguous; head_dim in (16, 32, 64, 128).
         cu_seqlens: int32 (num_seqs + 1,), from 0, non-decreasing, ending at total_tokens.
         max_seqlen: an upper bound of the longest sequence (sizes the launch grid).
         softmax_scale: default 1 / sqrt(head_dim).
@@ -368,16 +358,18 @@ def varlen_attention(
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, check_inputs)
     scale = float(softmax_scale) if softmax_scale is not None else q.shape[-1] ** -0.5
-    out, _ = _attn_op(q, k, v, cu_seqlens, int(max_seqlen), scale)
-    return out
+    if q.dtype in DTYPES and use_triton(q, k, v, cu_seqlens):
+        out, _ = _attn_op(q, k, v, cu_seqlens, int(max_seqlen), scale)
+        return out
+    return _attention_torch(q, k, v, cu_seqlens, int(max_seqlen), scale)
 
 
 def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, check_values: bool) -> None:
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor) or t.dim() != 3:
             raise ValueError(f"{name} must be a tensor (total_tokens, heads, head_dim), got {tuple(getattr(t, 'shape', ()))}")
-        if t.dtype not in DTYPES:
-            raise ValueError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+        if t.dtype not in DTYPES + (torch.float64,):
+            raise ValueError(f"{name} must be float32, float16 or bfloat16 (float64 runs in PyTorch), got {t.dtype}")
         if t.stride(-1) != 1:
             raise ValueError(f"{name} must have a contiguous last dimension")
     if not (q.shape == k.shape == v.shape):
