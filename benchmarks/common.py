@@ -40,3 +40,26 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
     with open(path, "w") as f:
         json.dump(payload, f, indent=2)
     print(f"wrote {path}")
+
+
+def bench_ms(fn, rep: int = 100) -> float:
+    """Median milliseconds of ``fn`` on the GPU (triton.testing.do_bench: warm-up, cache flush)."""
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, rep=rep, return_mode="median"))
+
+
+def copy_bandwidth_gbs(nbytes: int = 1 << 30) -> float:
+    """Measured device-to-device copy bandwidth (read + write bytes per second), the roofline we
+    compare bandwidth-bound kernels against."""
+    src = torch.empty(nbytes // 2, dtype=torch.uint8, device="cuda")
+    dst = torch.empty_like(src)
+    ms = bench_ms(lambda: dst.copy_(src))
+    return 2 * src.numel() / (ms / 1e3) / 1e9
+
+
+def require_cuda(script: str) -> bool:
+    if torch.cuda.is_available():
+        return True
+    print(f"{script}: no CUDA device here; run it on a GPU machine (nothing measured)")
+    return False
