@@ -286,8 +286,12 @@ def cu_seqlens_from_counts(
     torch.cumsum(lengths, 0, out=cu[1:])
     longest = counts.max().to(torch.int64) if counts.numel() else torch.zeros((), dtype=torch.int64, device=counts.device)
     total, top = torch.stack([cu[-1], longest]).tolist()
+    # Under torch.compile (capture_scalar_outputs) these are unbacked SymInts: tell the compiler they
+    # are sizes, so shape arithmetic on them needs no guard.
+    torch._check(total >= 0)
+    torch._check(top >= 0)
     max_seqlen = tokens_per_frame + (max_count if max_count is not None else top)
-    return cu.to(torch.int32), int(total), int(max_seqlen)
+    return cu.to(torch.int32), total, max_seqlen
 
 
 def pack_sequences(
@@ -335,7 +339,7 @@ def _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter,
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.shape != (frames + 1,) or cu_seqlens.dtype != torch.int32:
         raise ValueError(f"cu_seqlens must be an int32 tensor of shape ({frames + 1},), got "
                          f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
-    if not isinstance(total_tokens, int) or total_tokens < 0:
+    if not isinstance(total_tokens, (int, torch.SymInt)) or total_tokens < 0:
         raise ValueError(f"total_tokens must be a non-negative int, got {total_tokens!r}")
     given = [t is not None for t in (topk_idx, gate, intra)]
     if any(given) and not all(given):

@@ -388,7 +388,7 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, check_values: bool
         raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but q is on {q.device}")
     if not cu_seqlens.is_contiguous():
         raise ValueError("cu_seqlens must be contiguous")
-    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, int) or max_seqlen < 0:
+    if isinstance(max_seqlen, bool) or not isinstance(max_seqlen, (int, torch.SymInt)) or max_seqlen < 0:
         raise ValueError(f"max_seqlen must be a non-negative int, got {max_seqlen!r}")
     if softmax_scale is not None and not (isinstance(softmax_scale, (int, float)) and math.isfinite(softmax_scale)):
         raise ValueError(f"softmax_scale must be a finite number, got {softmax_scale!r}")

@@ -113,3 +113,20 @@ def test_fast_matches_reference_under_bf16_autocast(name):
     assert _max_err(fast, truth) <= 2 * _max_err(ref, truth) + 1e-3
     for n in truth_grad:
         assert _max_err(fast_grad[n], truth_grad[n]) <= 2 * _max_err(ref_grad[n], truth_grad[n]) + 1e-3 * truth_grad[n].abs().max().item(), n
+
+
+def test_fast_path_compiles_as_one_graph():
+    """torch.compile(fullgraph=True) traces the whole fast path: the kernels are custom ops, and the
+    one host sync (the packed token count) becomes an unbacked size with capture_scalar_outputs."""
+    import torch._dynamo
+
+    model = make_stop(randomize=True, seed=4)
+    video = _stable_video(model, batch=2, seed=6)
+    eager = model.encode_video(video, impl="fast")
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        compiled = torch.compile(lambda x: model.encode_video(x, impl="fast", check_inputs=False),
+                                 fullgraph=True, backend="aot_eager")
+        out = compiled(video)
+        out.square().sum().backward()
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+    assert model.prompter_inter.up.weight.grad.abs().sum() > 0
