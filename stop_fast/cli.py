@@ -108,10 +108,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    from .data.errors import VideoDecodeError
+
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:  # bad arguments or files: a message, not a traceback
+    except (ValueError, FileNotFoundError, VideoDecodeError) as exc:  # bad arguments or files: a message, not a traceback
         print(f"stop-fast {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,0 +1,47 @@
+"""``read_video_clip``: one clip of one video, decoded, sampled and transformed, ready for STOP."""
+from __future__ import annotations
+
+import os
+import random
+from typing import Optional, Union
+
+import torch
+
+from .errors import VideoDecodeError
+from .pyav_reader import read_clip_pyav
+from .sampling import MODES
+from .transforms import resize_crop_normalise
+
+BACKENDS = ("auto", "pyav")
+
+
+def read_video_clip(
+    path: Union[str, os.PathLike],
+    num_frames: int,
+    size: int = 224,
+    mode: str = "eval",
+    backend: str = "auto",
+    seed: Optional[int] = None,
+    flip: bool = False,
+) -> torch.Tensor:
+    """Decode ``num_frames`` frames of ``path`` -> float32 (num_frames, 3, size, size), CLIP-normalised.
+
+    Sampling follows SPEC.md: ``mode="train"`` takes one random frame per segment (TSN) and a random
+    crop (and a horizontal flip when ``flip``); ``mode="eval"`` the segment centres and the centre
+    crop. ``seed`` makes training sampling repeatable. ``backend``: ``"pyav"`` (FFmpeg, any codec),
+    or ``"auto"`` (currently PyAV). Any failure raises :class:`VideoDecodeError` naming the file.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if isinstance(num_frames, bool) or not isinstance(num_frames, int) or num_frames < 1:
+        raise ValueError(f"num_frames must be an int >= 1, got {num_frames!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+        raise ValueError(f"size must be an int >= 1, got {size!r}")
+    rng = random.Random(seed)
+    frames = read_clip_pyav(path, num_frames, mode, rng)
+    try:
+        return resize_crop_normalise(frames, size, mode, rng, flip=flip and mode == "train")
+    except ValueError as exc:
+        raise VideoDecodeError(path, str(exc)) from exc

@@ -1,0 +1,137 @@
+"""Clip sampling and decoding on generated videos with known content."""
+import random
+
+import pytest
+import torch
+
+from stop_fast.data import VideoDecodeError, read_video_clip, sample_indices
+from stop_fast.data.pyav_reader import count_frames, decode_frames
+from stop_fast.synthetic import clip_normalise
+
+from data_fixtures import CONTAINERS, level, write_audio_only, write_video
+
+
+def test_eval_indices_are_segment_centres():
+    assert sample_indices(24, 4, "eval") == [3, 9, 15, 21]
+    assert sample_indices(12, 12, "eval") == list(range(12))
+    assert sample_indices(100, 1, "eval") == [50]
+
+
+def test_train_indices_take_one_frame_per_segment():
+    rng = random.Random(0)
+    for _ in range(50):
+        idx = sample_indices(37, 5, "train", rng)
+        for i, j in enumerate(idx):
+            assert int(37 / 5 * i) <= j < max(int(37 / 5 * i) + 1, int(37 / 5 * (i + 1)))
+    draws = {tuple(sample_indices(40, 4, "train", random.Random(s))) for s in range(20)}
+    assert len(draws) > 1  # random
+    assert sample_indices(40, 4, "train", random.Random(3)) == sample_indices(40, 4, "train", random.Random(3))
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_short_videos_repeat_frames_in_order(mode):
+    idx = sample_indices(3, 8, mode, random.Random(1))
+    assert len(idx) == 8 and idx == sorted(idx) and set(idx) == {0, 1, 2}
+    assert sample_indices(1, 5, mode, random.Random(1)) == [0] * 5
+
+
+def test_sampler_refuses_bad_arguments():
+    with pytest.raises(ValueError, match="mode"):
+        sample_indices(10, 2, "test")
+    with pytest.raises(ValueError, match="num_video_frames"):
+        sample_indices(0, 2)
+    with pytest.raises(ValueError, match="num_frames"):
+        sample_indices(10, 0)
+
+
+def _frame_level(clip: torch.Tensor, t: int) -> float:
+    """Mean grey level (0..255) of the part of a decoded frame below the moving square."""
+    mean = torch.tensor([0.48145466, 0.4578275, 0.40821073])[:, None, None]
+    std = torch.tensor([0.26862954, 0.26130258, 0.27577711])[:, None, None]
+    rgb = clip[t] * std + mean
+    return float(rgb[:, rgb.shape[1] // 3 :, :].mean() * 255)
+
+
+@pytest.mark.parametrize("codec", list(CONTAINERS))
+def test_decoded_frames_match_the_known_content(tmp_path, codec):
+    path = write_video(tmp_path / f"clip.{CONTAINERS[codec]}", num_frames=24, codec=codec)
+    assert count_frames(str(path)) == 24
+    clip = read_video_clip(path, 4, size=32, mode="eval")
+    assert clip.shape == (4, 3, 32, 32) and clip.dtype == torch.float32
+    for t, i in enumerate([3, 9, 15, 21]):  # the eval indices of 24 frames in 4 segments
+        assert abs(_frame_level(clip, t) - level(i, 24)) < 4, (codec, t)
+
+
+def test_training_clips_are_seeded(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=40, width=96, height=48)
+    a = read_video_clip(path, 4, size=32, mode="train", seed=1)
+    b = read_video_clip(path, 4, size=32, mode="train", seed=1)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    others = [read_video_clip(path, 4, size=32, mode="train", seed=s) for s in range(2, 6)]
+    assert any((o - a).abs().max() > 1e-3 for o in others)
+
+
+def test_flip_mirrors_the_clip(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=12, width=48, height=48)
+    # one segment centre per frame and a full-frame crop: flipping is the only difference
+    plain = read_video_clip(path, 12, size=48, mode="train", seed=0)
+    flipped = read_video_clip(path, 12, size=48, mode="train", seed=0, flip=True)
+    torch.testing.assert_close(flipped, plain.flip(-1))
+
+
+def test_rotation_metadata_is_applied(tmp_path):
+    path = write_video(tmp_path / "rot.mp4", width=64, height=48, rotation=90)
+    frames, _ = decode_frames(str(path), [0])
+    assert frames[0].shape == (64, 48, 3)  # displayed upright: width and height swap
+
+
+def test_grayscale_and_odd_sizes(tmp_path):
+    path = write_video(tmp_path / "gray.mp4", num_frames=10, width=63, height=37, codec="libx264", pix_fmt="gray")
+    clip = read_video_clip(path, 3, size=20)
+    assert clip.shape == (3, 3, 20, 20) and torch.isfinite(clip).all()
+    assert torch.allclose(clip[:, 0] * 0.26862954 + 0.48145466, clip[:, 1] * 0.26130258 + 0.4578275, atol=1e-5)
+
+
+def test_truncated_file_is_read_or_reported(tmp_path):
+    path = write_video(tmp_path / "cut.mp4", num_frames=48, codec="libx264")
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * 0.6)])
+    try:
+        clip = read_video_clip(path, 8, size=32)
+    except VideoDecodeError as exc:
+        assert "cut.mp4" in str(exc)
+    else:
+        assert clip.shape == (8, 3, 32, 32) and torch.isfinite(clip).all()
+
+
+@pytest.mark.parametrize("make, reason", [
+    (lambda p: p.write_bytes(b"\x00garbage" * 100), "not a readable video"),
+    (lambda p: None, "file not found"),
+    (lambda p: write_audio_only(p), "no video stream"),
+])
+def test_unreadable_files_name_the_file_and_reason(tmp_path, make, reason):
+    path = tmp_path / "broken.m4a"
+    make(path)
+    with pytest.raises(VideoDecodeError, match=reason) as info:
+        read_video_clip(path, 4, size=32)
+    assert info.value.path == str(path) and "broken.m4a" in str(info.value)
+
+
+def test_reader_refuses_bad_arguments(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=8)
+    with pytest.raises(ValueError, match="backend"):
+        read_video_clip(path, 4, backend="opencv")
+    with pytest.raises(ValueError, match="mode"):
+        read_video_clip(path, 4, mode="val")
+    with pytest.raises(ValueError, match="num_frames"):
+        read_video_clip(path, 0)
+
+
+def test_cli_encodes_a_video_file(tmp_path, capsys):
+    from stop_fast.cli import main
+
+    path = write_video(tmp_path / "clip.webm", num_frames=16, codec="libvpx-vp9")
+    assert main(["encode", "--model", "stop-tiny", "--frames", "4", "--video", str(path)]) == 0
+    assert '"embedding_dim": 64' in capsys.readouterr().out
+    assert main(["encode", "--model", "stop-tiny", "--frames", "4", "--video", str(tmp_path / "none.mp4")]) == 2
+    assert "none.mp4" in capsys.readouterr().err
