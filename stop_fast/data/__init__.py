@@ -6,8 +6,9 @@ reads the official split files of UCF101, HMDB51, SSv2, Kinetics-400, MSR-VTT or
 """
 from .datasets import DATASETS, Sample, VideoDataset, build_dataset
 from .errors import VideoDecodeError
+from .loader import ShardedSampler, VideoLoader
 from .reader import BACKENDS, read_video_clip
 from .sampling import sample_indices
 
 __all__ = ["read_video_clip", "sample_indices", "VideoDecodeError", "BACKENDS",
-           "build_dataset", "DATASETS", "VideoDataset", "Sample"]
+           "build_dataset", "DATASETS", "VideoDataset", "Sample", "VideoLoader", "ShardedSampler"]

@@ -1,0 +1,151 @@
+"""Batched clip loading on the CPU: torch DataLoader workers decoding with PyAV.
+
+Deterministic given a seed, reshuffled every epoch (``set_epoch``), sharded for DDP ranks with equal
+batch counts per rank, and robust to bad files: in training a file that fails is logged by name,
+counted, and replaced by another sample; in evaluation it comes back as a zero clip with
+``valid=False`` (as do the padding entries of the last, partial batch), so no epoch dies on one video.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Dict, Iterator, List, Optional
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .datasets import VideoDataset
+from .errors import VideoDecodeError
+from .reader import read_video_clip
+
+log = logging.getLogger(__name__)
+
+PADDING = -1  # sampler index of a padding entry (evaluation only)
+
+
+class ClipDataset(Dataset):
+    """Item ``i`` of a :class:`VideoDataset` as a decoded clip; ``PADDING`` gives an invalid zero clip."""
+
+    def __init__(self, dataset: VideoDataset, num_frames: int, size: int = 224, mode: str = "eval",
+                 seed: int = 0, flip: Optional[bool] = None, max_replacements: int = 10):
+        self.dataset = dataset
+        self.num_frames, self.size, self.mode, self.seed = num_frames, size, mode, seed
+        self.flip = dataset.allow_flip if flip is None else flip
+        self.max_replacements = max_replacements
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def _item(self, index: int, clip: torch.Tensor, valid: bool, failures: int) -> Dict:
+        sample = self.dataset.samples[index] if index >= 0 else None
+        return {"video": clip, "label": sample.label if sample else -1, "index": index, "valid": valid,
+                "failures": failures}
+
+    def __getitem__(self, index: int) -> Dict:
+        empty = torch.zeros(self.num_frames, 3, self.size, self.size)
+        if index == PADDING:
+            return self._item(PADDING, empty, False, 0)
+        rng = random.Random(hash((self.seed, self.epoch, index)))
+        failures = 0
+        current = index
+        while True:
+            sample = self.dataset.samples[current]
+            flip = self.mode == "train" and self.flip and rng.random() < 0.5
+            try:
+                clip = read_video_clip(sample.path, self.num_frames, self.size, self.mode,
+                                       seed=rng.randrange(2**31), flip=flip)
+                return self._item(current, clip, True, failures)
+            except VideoDecodeError as exc:
+                failures += 1
+                log.warning("skipping %s (%s)", exc.path, exc.reason)
+                if self.mode != "train":
+                    return self._item(current, empty, False, failures)
+                if failures > self.max_replacements:
+                    raise VideoDecodeError(sample.path, f"{failures} videos in a row failed to decode; is the dataset readable?") from exc
+                current = rng.randrange(len(self.dataset))
+
+
+class ShardedSampler(Sampler[int]):
+    """Indices for one rank: every rank gets the same number of batches.
+
+    Training: a permutation seeded by (seed, epoch), wrapped around so it splits evenly over the
+    ranks; each rank takes a strided share. Evaluation: the dataset in order, each rank's share padded
+    with ``PADDING`` up to whole batches, so every sample is seen exactly once over all ranks.
+    """
+
+    def __init__(self, size: int, batch_size: int, mode: str = "eval", rank: int = 0, world_size: int = 1,
+                 seed: int = 0, drop_last: bool = True):
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank must lie in 0..{world_size - 1}, got {rank}")
+        if size < 1 or batch_size < 1:
+            raise ValueError(f"need a non-empty dataset and batch_size >= 1, got size {size}, batch_size {batch_size}")
+        self.size, self.batch_size, self.mode = size, batch_size, mode
+        self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _indices(self) -> List[int]:
+        if self.mode == "train":
+            order = list(range(self.size))
+            random.Random(hash((self.seed, self.epoch))).shuffle(order)
+            per_rank = math.ceil(self.size / self.world_size)
+            order = (order * math.ceil(per_rank * self.world_size / self.size))[: per_rank * self.world_size]
+            mine = order[self.rank :: self.world_size]
+            if self.drop_last:
+                mine = mine[: len(mine) // self.batch_size * self.batch_size] or mine
+            return mine
+        per_rank = math.ceil(self.size / self.world_size)
+        per_rank = math.ceil(per_rank / self.batch_size) * self.batch_size
+        mine = list(range(self.size))[self.rank :: self.world_size]
+        return mine + [PADDING] * (per_rank - len(mine))
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._indices())
+
+    def __len__(self) -> int:
+        return len(self._indices())
+
+
+class VideoLoader:
+    """Batches ``{"video": (B, T, 3, S, S), "label": (B,), "index": (B,), "valid": (B,) bool}``.
+
+    ``stats`` counts clips decoded and files that failed (each failure is also logged by name).
+    """
+
+    def __init__(self, dataset: VideoDataset, num_frames: int, batch_size: int, size: int = 224,
+                 mode: str = "eval", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
+                 flip: Optional[bool] = None, dtype: torch.dtype = torch.float32):
+        self.clips = ClipDataset(dataset, num_frames, size, mode, seed, flip)
+        self.sampler = ShardedSampler(len(dataset), batch_size, mode, rank, world_size, seed)
+        self.dtype = dtype
+        self.loader = DataLoader(self.clips, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+                                 collate_fn=_collate, persistent_workers=False)
+        self.stats = {"clips": 0, "failures": 0}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.clips.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        for batch in self.loader:
+            self.stats["clips"] += int(batch["valid"].sum())
+            self.stats["failures"] += int(batch.pop("failures").sum())
+            batch["video"] = batch["video"].to(self.dtype)
+            yield batch
+
+
+def _collate(items: List[Dict]) -> Dict[str, torch.Tensor]:
+    return {
+        "video": torch.stack([it["video"] for it in items]),
+        "label": torch.tensor([it["label"] for it in items], dtype=torch.long),
+        "index": torch.tensor([it["index"] for it in items], dtype=torch.long),
+        "valid": torch.tensor([it["valid"] for it in items], dtype=torch.bool),
+        "failures": torch.tensor([it["failures"] for it in items], dtype=torch.long),
+    }
