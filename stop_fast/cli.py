@@ -101,6 +101,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also save the embedding tensor here (torch.save)")
     p.set_defaults(func=cmd_encode)
 
+    from .data.prepare import add_prepare_arguments, run_prepare
+
+    p = sub.add_parser("prepare", help="probe a dataset's videos into a manifest; optionally re-encode them")
+    add_prepare_arguments(p)
+    p.set_defaults(func=run_prepare)
+
     p = sub.add_parser("info", help="show model sizes and trainable parameter counts for a configuration")
     _add_model_arguments(p)
     p.set_defaults(func=cmd_info)
