@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import random
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -11,13 +11,15 @@ from ..synthetic import clip_normalise
 
 
 def resize_crop_normalise(frames: torch.Tensor, size: int, mode: str = "eval",
-                          rng: Optional[random.Random] = None, flip: bool = False) -> torch.Tensor:
+                          rng: Optional[random.Random] = None, flip: bool = False,
+                          position: Optional[Tuple[float, float]] = None) -> torch.Tensor:
     """``frames`` uint8 (T, H, W, 3) -> float32 (T, 3, size, size), CLIP-normalised.
 
     The short side is resized to ``size`` (bilinear, antialiased), then a ``size`` x ``size`` crop is
     taken: the centre in evaluation, a random position in training (one position for the whole clip,
     so motion is preserved). ``flip`` mirrors the clip horizontally (training augmentation; off for
-    datasets whose classes name directions, e.g. Something-Something V2).
+    datasets whose classes name directions, e.g. Something-Something V2). ``position`` fixes the crop
+    instead: fractions (0 = top / left, 1 = bottom / right) of the free room along height and width.
     """
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3), got {tuple(frames.shape)}")
@@ -27,7 +29,9 @@ def resize_crop_normalise(frames: torch.Tensor, size: int, mode: str = "eval",
     new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
-    if mode == "train":
+    if position is not None:
+        top, left = round((new_h - size) * position[0]), round((new_w - size) * position[1])
+    elif mode == "train":
         rng = rng or random.Random()
         top, left = rng.randint(0, new_h - size), rng.randint(0, new_w - size)
     else:
