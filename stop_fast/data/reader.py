@@ -7,12 +7,13 @@ from typing import Optional, Union
 
 import torch
 
+from .dali_reader import dali_available, read_clip_dali
 from .errors import VideoDecodeError
 from .pyav_reader import read_clip_pyav
 from .sampling import MODES
 from .transforms import resize_crop_normalise
 
-BACKENDS = ("auto", "pyav")
+BACKENDS = ("auto", "pyav", "dali")
 
 
 def read_video_clip(
@@ -28,8 +29,10 @@ def read_video_clip(
 
     Sampling follows SPEC.md: ``mode="train"`` takes one random frame per segment (TSN) and a random
     crop (and a horizontal flip when ``flip``); ``mode="eval"`` the segment centres and the centre
-    crop. ``seed`` makes training sampling repeatable. ``backend``: ``"pyav"`` (FFmpeg, any codec),
-    or ``"auto"`` (currently PyAV). Any failure raises :class:`VideoDecodeError` naming the file.
+    crop. ``seed`` makes training sampling repeatable. ``backend``: ``"pyav"`` (FFmpeg on the CPU,
+    any codec), ``"dali"`` (NVIDIA DALI: NVDEC where there is a GPU, DALI's CPU decoder for VP8 / VP9
+    / MJPEG otherwise), ``"auto"`` (DALI on a GPU when DALI is installed, else PyAV). Any failure
+    raises :class:`VideoDecodeError` naming the file.
     """
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -40,7 +43,12 @@ def read_video_clip(
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an int >= 1, got {size!r}")
     rng = random.Random(seed)
-    frames = read_clip_pyav(path, num_frames, mode, rng)
+    if backend == "auto":
+        backend = "dali" if torch.cuda.is_available() and dali_available() else "pyav"
+    if backend == "dali":
+        frames = read_clip_dali(os.fspath(path), num_frames, mode, rng)
+    else:
+        frames = read_clip_pyav(path, num_frames, mode, rng)
     try:
         return resize_crop_normalise(frames, size, mode, rng, flip=flip and mode == "train")
     except ValueError as exc:

@@ -1,0 +1,158 @@
+"""Batched clip loading through NVIDIA DALI: NVDEC decoding on the GPU, or DALI's CPU operators."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+from typing import List, Optional, Tuple
+
+import numpy as np
+import torch
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+from .dali_reader import check_decodable, import_dali
+from .errors import VideoDecodeError
+from .loader import PADDING, ShardedSampler
+from .pyav_reader import count_frames
+from .sampling import sample_indices
+
+log = logging.getLogger(__name__)
+
+
+class DaliVideoLoader:
+    """Batches like :class:`~stop_fast.data.loader.VideoLoader`, decoded and transformed by DALI:
+    NVDEC on the GPU (``device="gpu"``) or DALI's CPU operators (``device="cpu"``).
+
+    Encoded bytes, per-sample frame indices, crop positions and flips are fed by the host each batch
+    (sampled exactly as the PyAV path does); DALI decodes the batch's videos in parallel, resizes the
+    short side, crops, mirrors and normalises, and returns ``(B, T, 3, S, S)`` in ``dtype``.
+    Files that fail the probe are logged, counted and replaced (training) or fed as an invalid
+    placeholder (evaluation, ``valid=False``).
+    """
+
+    def __init__(self, dataset, num_frames: int, batch_size: int, size: int = 224, mode: str = "eval", seed: int = 0,
+                 rank: int = 0, world_size: int = 1, device: str = "gpu", dtype: torch.dtype = torch.float32,
+                 flip: Optional[bool] = None, num_threads: int = 4):
+        if device not in ("gpu", "cpu"):
+            raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
+        if device == "gpu" and not torch.cuda.is_available():
+            raise ValueError("device='gpu' needs a CUDA device; use device='cpu'")
+        if dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"dtype must be float32 or float16 (DALI's outputs), got {dtype}")
+        self.dataset, self.num_frames, self.batch_size, self.size, self.mode = dataset, num_frames, batch_size, size, mode
+        self.seed, self.device, self.dtype = seed, device, dtype
+        self.flip = dataset.allow_flip if flip is None else flip
+        self.sampler = ShardedSampler(len(dataset), batch_size, mode, rank, world_size, seed)
+        self.stats = {"clips": 0, "failures": 0}
+        self.epoch = 0
+        self._pipe = self._build(num_threads)
+        self._placeholder: Optional[Tuple[np.ndarray, int]] = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def _build(self, num_threads: int):
+        fn, types, pipeline_def = import_dali()
+        gpu = self.device == "gpu"
+        mean = [255 * m for m in OPENAI_DATASET_MEAN]
+        std = [255 * s for s in OPENAI_DATASET_STD]
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=num_threads,
+                      device_id=torch.cuda.current_device() if gpu else None, prefetch_queue_depth=1)
+        def pipe():
+            enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
+            idx = fn.external_source(name="idx", dtype=types.INT32, ndim=1)
+            pos = fn.external_source(name="pos", dtype=types.FLOAT, ndim=1)
+            mirror = fn.external_source(name="mirror", dtype=types.INT32, ndim=0)
+            frames = fn.decoders.video(enc, device="mixed" if gpu else "cpu", frames=idx)
+            frames = fn.resize(frames, resize_shorter=self.size, antialias=True)
+            return fn.crop_mirror_normalize(
+                frames, crop=(self.size, self.size), crop_pos_x=pos[1], crop_pos_y=pos[0], mirror=mirror,
+                mean=mean, std=std, output_layout="FCHW",
+                dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT)
+
+        p = pipe()
+        p.build()
+        return p
+
+    def _read(self, index: int, rng: random.Random):
+        """(bytes, frame indices) of a sample, or a VideoDecodeError."""
+        path = self.dataset.samples[index].path
+        check_decodable(path, self.device == "gpu")
+        total = count_frames(path)
+        if total == 0:
+            raise VideoDecodeError(path, "the video stream holds no frames")
+        return np.fromfile(path, dtype=np.uint8), sample_indices(total, self.num_frames, self.mode, rng)
+
+    def _batch_inputs(self, indices: List[int]):
+        enc, idx, pos, mirror, labels, kept, valid = [], [], [], [], [], [], []
+        for i in indices:
+            rng = random.Random(hash((self.seed, self.epoch, i)))
+            current, ok = i, i != PADDING
+            item = None
+            for _attempt in range(11 if ok else 0):
+                try:
+                    item = self._read(current, rng)
+                    break
+                except VideoDecodeError as exc:
+                    self.stats["failures"] += 1
+                    log.warning("skipping %s (%s)", exc.path, exc.reason)
+                    if self.mode != "train":
+                        ok = False
+                        break
+                    current = rng.randrange(len(self.dataset))
+            if item is None:
+                if self.mode == "train":
+                    raise VideoDecodeError(self.dataset.samples[i].path, "10 replacement videos in a row failed to decode")
+                item = self._placeholder_item()
+            enc.append(item[0])
+            idx.append(np.asarray(item[1], dtype=np.int32))
+            train = self.mode == "train"
+            pos.append(np.asarray([rng.random(), rng.random()] if train else [0.5, 0.5], dtype=np.float32))
+            mirror.append(np.int32(train and self.flip and rng.random() < 0.5))
+            # a file that failed in evaluation keeps its index (and label), flagged invalid, as in VideoLoader
+            labels.append(self.dataset.samples[current].label if current != PADDING else -1)
+            kept.append(current)
+            valid.append(ok)
+        return enc, idx, pos, mirror, labels, kept, valid
+
+    def _placeholder_item(self):
+        """A small generated VP9 clip fed in place of unreadable or padding entries (valid=False)."""
+        if self._placeholder is None:
+            import tempfile
+
+            import av
+
+            with tempfile.TemporaryDirectory() as tmp:
+                path = os.path.join(tmp, "placeholder.webm")
+                with av.open(path, mode="w") as c:
+                    s = c.add_stream("libvpx-vp9", rate=8)
+                    s.width, s.height, s.pix_fmt = 64, 64, "yuv420p"
+                    for _ in range(2):
+                        for packet in s.encode(av.VideoFrame.from_ndarray(np.zeros((64, 64, 3), np.uint8), format="rgb24")):
+                            c.mux(packet)
+                    for packet in s.encode():
+                        c.mux(packet)
+                self._placeholder = (np.fromfile(path, dtype=np.uint8), 2)
+        data, frames = self._placeholder
+        return data, sample_indices(frames, self.num_frames, "eval")
+
+    def __iter__(self):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        order = list(self.sampler)
+        for start in range(0, len(order) - self.batch_size + 1, self.batch_size):
+            enc, idx, pos, mirror, labels, kept, valid = self._batch_inputs(order[start : start + self.batch_size])
+            for name, data in (("enc", enc), ("idx", idx), ("pos", pos), ("mirror", mirror)):
+                self._pipe.feed_input(name, data)
+            (out,) = self._pipe.run()
+            out = out.as_tensor()
+            video = torch.empty(out.shape(), dtype=self.dtype, device="cuda" if self.device == "gpu" else "cpu")
+            feed_ndarray(out, video, cuda_stream=torch.cuda.current_stream() if self.device == "gpu" else None)
+            valid_t = torch.tensor(valid, dtype=torch.bool)
+            self.stats["clips"] += int(valid_t.sum())
+            yield {"video": video, "label": torch.tensor(labels), "index": torch.tensor(kept), "valid": valid_t}

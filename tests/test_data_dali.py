@@ -1,0 +1,72 @@
+"""DALI decoding on the CPU (VP9 / MJPEG), against PyAV; GPU (NVDEC) cases are marked gpu."""
+import pytest
+import torch
+
+pytest.importorskip("nvidia.dali")
+
+from stop_fast.data import VideoDecodeError, read_video_clip  # noqa: E402
+from stop_fast.data.dali_loader import DaliVideoLoader  # noqa: E402
+from stop_fast.data.dali_reader import decode_frames_dali  # noqa: E402
+from stop_fast.data.datasets import Sample, VideoDataset  # noqa: E402
+from stop_fast.data.loader import VideoLoader  # noqa: E402
+
+from data_fixtures import level, write_video  # noqa: E402
+
+
+@pytest.mark.parametrize("codec, ext", [("libvpx-vp9", "webm"), ("mjpeg", "avi")])
+def test_dali_cpu_and_pyav_agree(tmp_path, codec, ext):
+    path = write_video(tmp_path / f"clip.{ext}", num_frames=24, codec=codec)
+    frames = decode_frames_dali(str(path), [3, 9, 15, 21], use_gpu=False)
+    assert frames.shape == (4, 48, 64, 3) and frames.dtype == torch.uint8
+    for t, i in enumerate([3, 9, 15, 21]):
+        assert abs(frames[t, 20:].float().mean().item() - level(i, 24)) < 4
+    dali = read_video_clip(path, 4, size=32, backend="dali")
+    pyav = read_video_clip(path, 4, size=32, backend="pyav")
+    assert (dali - pyav).abs().max() < 0.05  # the same frames, two decoders' rounding
+
+
+def test_dali_cpu_refuses_h264_with_advice(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", codec="libx264")
+    if torch.cuda.is_available():
+        pytest.skip("NVDEC decodes H.264")
+    with pytest.raises(VideoDecodeError, match="backend='pyav'"):
+        read_video_clip(path, 4, backend="dali")
+
+
+def test_dali_loader_matches_the_pyav_loader(tmp_path):
+    samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=10 + 3 * i, codec="libvpx-vp9")), i % 2)
+               for i in range(3)]
+    bad = tmp_path / "bad.webm"
+    bad.write_bytes(b"junk" * 100)
+    ds = VideoDataset("fixture", "test", samples + [Sample(str(bad), 1)], classes=["a", "b"])
+    dali = list(DaliVideoLoader(ds, num_frames=4, batch_size=3, size=32, mode="eval", device="cpu"))
+    pyav = list(VideoLoader(ds, num_frames=4, batch_size=3, size=32, mode="eval", num_workers=0))
+    assert len(dali) == len(pyav) == 2
+    for a, b in zip(dali, pyav):
+        assert a["video"].shape == b["video"].shape == (3, 4, 3, 32, 32)
+        assert torch.equal(a["valid"], b["valid"]) and torch.equal(a["index"], b["index"])
+        ok = a["valid"]
+        if ok.any():  # same frames; DALI's resize filter differs from torch's only at sharp edges
+            assert (a["video"][ok] - b["video"][ok]).abs().mean() < 0.05
+    assert sum(int(b["valid"].sum()) for b in dali) == 3
+
+
+def test_dali_training_batches_are_seeded(tmp_path):
+    samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=20, width=80, codec="libvpx-vp9")), 0)
+               for i in range(4)]
+    ds = VideoDataset("fixture", "train", samples, classes=["a"])
+
+    def run(seed):
+        return [b["video"] for b in DaliVideoLoader(ds, 4, 2, size=32, mode="train", seed=seed, device="cpu")]
+
+    a, b, c = run(1), run(1), run(2)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert any(not torch.equal(x, y) for x, y in zip(a, c))
+
+
+@pytest.mark.gpu
+def test_nvdec_decodes_h264(tmp_path):
+    path = write_video(tmp_path / "clip.mp4", num_frames=24, codec="libx264")
+    frames = decode_frames_dali(str(path), [3, 9, 15, 21], use_gpu=True)
+    for t, i in enumerate([3, 9, 15, 21]):
+        assert abs(frames[t, 20:].float().mean().item() - level(i, 24)) < 4
