@@ -21,9 +21,9 @@ setup(
     ],
     extras_require={
         "video": ["av>=12"],
-        "dali": ["nvidia-dali-cuda130"],
+        "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
         "viz": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "av>=12", "matplotlib"],
+        "test": ["pytest", "pytest-benchmark", "av>=12", "matplotlib", "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["stop-fast=stop_fast.cli:main"]},
 )
