@@ -40,6 +40,31 @@ NUM_WARPS = 8
 
 
 @triton.jit
+def _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER: tl.constexpr):
+    """Start row of frame ``f`` in the packed buffer and which of ``rows`` exist (1 + N + n_f of them).
+    Counts are clamped to 0..rho so even unchecked input never reads past ``inter``."""
+    if HAS_INTER:
+        count = tl.minimum(tl.maximum(tl.load(counts_ptr + f), 0), RHO)
+    else:
+        count = 0
+    start = tl.load(cu_ptr + f).to(tl.int64)
+    return start, rows < N + 1 + count
+
+
+@triton.jit
+def _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K: tl.constexpr):
+    """For each row 1 + j, the slot s with topk_idx[f, s] == j (if any) and its gate: a
+    BLOCK_R x BLOCK_K compare in registers, never an N x k matrix in memory."""
+    slots = tl.arange(0, BLOCK_K)
+    sel = tl.load(idx_ptr + f * K + slots, mask=slots < K, other=-1)
+    hit = (sel[None, :] == (rows[:, None] - 1)) & (slots[None, :] < K)
+    has_prompt = tl.sum(hit.to(tl.int32), axis=1) > 0
+    slot = tl.minimum(tl.sum(tl.where(hit, slots[None, :], 0), axis=1), K - 1)
+    g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0).to(tl.float32)
+    return has_prompt, slot, g
+
+
+@triton.jit
 def _pack_fwd_kernel(
     z_ptr, counts_ptr, cu_ptr, idx_ptr, gate_ptr, intra_ptr, inter_ptr, x_ptr,
     total_tokens, N, D, K, RHO,
@@ -48,25 +73,15 @@ def _pack_fwd_kernel(
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    count = tl.load(counts_ptr + f)
-    if HAS_INTER:
-        count = tl.minimum(tl.maximum(count, 0), RHO)  # bounds even on unchecked input
-    else:
-        count = 0
-    start = tl.load(cu_ptr + f).to(tl.int64)
+    start, exists = _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER)
     out_row = start + rows
-    valid = (rows < N + 1 + count) & (out_row < total_tokens)
+    valid = exists & (out_row < total_tokens)
     is_z = rows <= N
     is_inter = valid & (rows > N)
 
     if HAS_INTRA:
-        slots = tl.arange(0, BLOCK_K)
-        sel = tl.load(idx_ptr + f * K + slots, mask=slots < K, other=-1)
-        hit = (sel[None, :] == (rows[:, None] - 1)) & (slots[None, :] < K)  # (BLOCK_R, BLOCK_K)
-        has_prompt = (tl.sum(hit.to(tl.int32), axis=1) > 0) & is_z & valid
-        slot = tl.sum(tl.where(hit, slots[None, :], 0), axis=1)
-        slot = tl.minimum(slot, K - 1)
-        g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0).to(tl.float32)
+        has_prompt, slot, g = _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K)
+        has_prompt = has_prompt & is_z & valid
 
     z_row = (f * (N + 1) + tl.minimum(rows, N)).to(tl.int64)
     inter_row = (f * RHO + tl.maximum(rows - N - 1, 0)).to(tl.int64)
@@ -95,24 +110,15 @@ def _pack_bwd_kernel(
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
-    count = tl.load(counts_ptr + f)
-    if HAS_INTER:
-        count = tl.minimum(tl.maximum(count, 0), RHO)
-    else:
-        count = 0
-    start = tl.load(cu_ptr + f).to(tl.int64)
+    start, exists = _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER)
     in_row = start + rows
-    readable = (rows < N + 1 + count) & (in_row < total_tokens)
+    readable = exists & (in_row < total_tokens)
     is_z = rows <= N
     is_inter = (rows > N) & (rows < N + 1 + RHO)
 
     if HAS_INTRA:
-        slots = tl.arange(0, BLOCK_K)
-        sel = tl.load(idx_ptr + f * K + slots, mask=slots < K, other=-1)
-        hit = (sel[None, :] == (rows[:, None] - 1)) & (slots[None, :] < K)
-        has_prompt = (tl.sum(hit.to(tl.int32), axis=1) > 0) & is_z
-        slot = tl.minimum(tl.sum(tl.where(hit, slots[None, :], 0), axis=1), K - 1)
-        g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0).to(tl.float32)
+        has_prompt, slot, g = _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K)
+        has_prompt = has_prompt & is_z
         g_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
         p_row = (f * K + slot).to(tl.int64)
 
@@ -136,8 +142,9 @@ def _pack_bwd_kernel(
         tl.store(dgate_ptr + f * K + slot, g_acc.to(dgate_ptr.dtype.element_ty), mask=has_prompt)
 
 
-def _block_d(d: int) -> int:
-    return min(128, triton.next_power_of_2(d))
+def _block_d(d: int, dtype: torch.dtype) -> int:
+    # 16 bytes per thread and row: 128 columns of a 16-bit dtype, 64 of fp32 (128 fp32 columns spill)
+    return min(128 if dtype.itemsize <= 2 else 64, triton.next_power_of_2(d))
 
 
 def _block_k(k: int) -> int:
@@ -159,7 +166,7 @@ def _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, 
         topk_idx if k else dummy, gate if k else dummy, intra if k else dummy, inter if rho else dummy,
         x, total_tokens, n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
-        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(width), BLOCK_K=_block_k(k), num_warps=NUM_WARPS,
+        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(width, z.dtype), BLOCK_K=_block_k(k), num_warps=NUM_WARPS,
     )
     return x
 
@@ -183,7 +190,7 @@ def _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
         dz, dgate if k else dummy, dintra if k else dummy, dinter if rho else dummy,
         dx.shape[0], n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
-        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(width), BLOCK_K=_block_k(k), num_warps=NUM_WARPS,
+        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(width, dx.dtype), BLOCK_K=_block_k(k), num_warps=NUM_WARPS,
     )
     return dz, dgate, dintra, dinter
 
@@ -394,7 +401,7 @@ def compile_cases() -> List[CompileCase]:
             for has_intra in (True, False):
                 for has_inter in (True, False):
                     common = dict(HAS_INTRA=has_intra, HAS_INTER=has_inter, BLOCK_R=BLOCK_R,
-                                  BLOCK_D=_block_d(width), BLOCK_K=16)
+                                  BLOCK_D=_block_d(width, dtype), BLOCK_K=16)
                     tag = f"d{width}_{t}_intra{int(has_intra)}_inter{int(has_inter)}"
                     fwd_sig = {
                         "z_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",

@@ -39,6 +39,22 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _sequence_bases(cu_ptr, seq, head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads):
+    """Where sequence ``seq`` starts, its length, and this head's base pointers into q, k, v.
+
+    The 64-bit bases are scalars per program; tile offsets from them stay 32-bit (sequences are
+    short), which saves a register per element. ``row0`` is the offset of the sequence's first
+    (token, head) row in the contiguous (total, heads) layouts of out, lse, delta and the gradients.
+    """
+    start = tl.load(cu_ptr + seq)
+    length = tl.load(cu_ptr + seq + 1) - start
+    start = start.to(tl.int64)
+    row0 = start * num_heads + head
+    return (length, row0, q_ptr + start * sq_t + head * sq_h, k_ptr + start * sk_t + head * sk_h,
+            v_ptr + start * sv_t + head * sv_h)
+
+
+@triton.jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
@@ -46,19 +62,13 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(cu_ptr + seq)
-    length = tl.load(cu_ptr + seq + 1) - start
+    length, row0, q_ptr, k_ptr, v_ptr = _sequence_bases(
+        cu_ptr, tl.program_id(1), head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
     if pid_m * BLOCK_M >= length:
         return
-    # 64-bit scalar bases per program; tile offsets stay 32-bit (a sequence is short) to save registers
-    start = start.to(tl.int64)
-    q_ptr += start * sq_t + head * sq_h
-    k_ptr += start * sk_t + head * sk_h
-    v_ptr += start * sv_t + head * sv_h
-    o_ptr += (start * num_heads + head) * HEAD_DIM
-    lse_ptr += start * num_heads + head
+    o_ptr += row0 * HEAD_DIM
+    lse_ptr += row0
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
@@ -96,21 +106,16 @@ def _attn_bwd_dkdv_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
-    seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(cu_ptr + seq)
-    length = tl.load(cu_ptr + seq + 1) - start
+    length, row0, q_ptr, k_ptr, v_ptr = _sequence_bases(
+        cu_ptr, tl.program_id(1), head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
     if pid_n * BLOCK_N >= length:
         return
-    start = start.to(tl.int64)
-    q_ptr += start * sq_t + head * sq_h
-    k_ptr += start * sk_t + head * sk_h
-    v_ptr += start * sv_t + head * sv_h
-    do_ptr += (start * num_heads + head) * HEAD_DIM
-    dk_ptr += (start * num_heads + head) * HEAD_DIM
-    dv_ptr += (start * num_heads + head) * HEAD_DIM
-    lse_ptr += start * num_heads + head
-    delta_ptr += start * num_heads + head
+    do_ptr += row0 * HEAD_DIM
+    dk_ptr += row0 * HEAD_DIM
+    dv_ptr += row0 * HEAD_DIM
+    lse_ptr += row0
+    delta_ptr += row0
     keys = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, HEAD_DIM)
     key_ok = keys < length
@@ -146,20 +151,15 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    seq = tl.program_id(1)
     head = tl.program_id(2)
-    start = tl.load(cu_ptr + seq)
-    length = tl.load(cu_ptr + seq + 1) - start
+    length, row0, q_ptr, k_ptr, v_ptr = _sequence_bases(
+        cu_ptr, tl.program_id(1), head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
     if pid_m * BLOCK_M >= length:
         return
-    start = start.to(tl.int64)
-    q_ptr += start * sq_t + head * sq_h
-    k_ptr += start * sk_t + head * sk_h
-    v_ptr += start * sv_t + head * sv_h
-    do_ptr += (start * num_heads + head) * HEAD_DIM
-    dq_ptr += (start * num_heads + head) * HEAD_DIM
-    lse_ptr += start * num_heads + head
-    delta_ptr += start * num_heads + head
+    do_ptr += row0 * HEAD_DIM
+    dq_ptr += row0 * HEAD_DIM
+    lse_ptr += row0
+    delta_ptr += row0
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, HEAD_DIM)
     row_ok = rows < length
@@ -188,7 +188,7 @@ def _config(head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from ptxas reports for sm_90 (no spills).
 
     16-bit inputs: 64 x 64 blocks over 8 warps cover a ViT-B/32 frame (50-62 tokens) in one step
-    (134 / 182 / 138 registers for forward / dK dV / dQ at head dim 64); head dim 128 takes 32 x 32.
+    (162 / 208 / 139 registers for forward / dK dV / dQ at head dim 64); head dim 128 takes 32 x 32.
     fp32 inputs are the accuracy path (tests, float32 users): IEEE fp32 dots on 16 x 16 blocks.
     Triton's interpreter runs programs one after another and ignores registers, so there every dtype
     takes 64 x 64 blocks (the fewest programs); the block loops are the same code either way.
