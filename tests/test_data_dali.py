@@ -70,3 +70,22 @@ def test_nvdec_decodes_h264(tmp_path):
     frames = decode_frames_dali(str(path), [3, 9, 15, 21], use_gpu=True)
     for t, i in enumerate([3, 9, 15, 21]):
         assert abs(frames[t, 20:].float().mean().item() - level(i, 24)) < 4
+
+
+def test_dali_loader_uses_the_manifest_instead_of_probing(tmp_path, monkeypatch):
+    from stop_fast.cli import main
+    from stop_fast.data import dali_loader
+
+    (tmp_path / "v").mkdir()
+    for i in range(2):
+        write_video(tmp_path / "v" / f"{i}.webm", num_frames=16, codec="libvpx-vp9")
+    manifest = tmp_path / "m.jsonl"
+    assert main(["prepare", "--videos", str(tmp_path / "v"), "--manifest", str(manifest), "--workers", "1"]) == 0
+    ds = VideoDataset("fixture", "test", [Sample(str(tmp_path / "v" / f"{i}.webm"), 0) for i in range(2)], classes=["a"])
+
+    def no_probe(path):
+        raise AssertionError(f"probed {path} although the manifest knows it")
+
+    monkeypatch.setattr(dali_loader, "count_frames", no_probe)
+    batches = list(DaliVideoLoader(ds, 4, 2, size=32, mode="eval", device="cpu", manifest=str(manifest)))
+    assert len(batches) == 1 and batches[0]["valid"].all()

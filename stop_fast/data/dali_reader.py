@@ -50,12 +50,16 @@ def video_codec(path: str) -> str:
         container.close()
 
 
+def check_codec(path: str, codec: str, on_gpu: bool) -> None:
+    """Refuse, before DALI sees it, a codec DALI's CPU decoder cannot read."""
+    if not on_gpu and codec not in CPU_CODECS:
+        raise VideoDecodeError(path, f"DALI's CPU decoder reads {', '.join(CPU_CODECS)}, not {codec}; use backend='pyav' "
+                                     "or re-encode with `stop-fast prepare --reencode-dir ... --codec vp9`")
+
+
 def check_decodable(path: str, on_gpu: bool) -> None:
     if not on_gpu:
-        codec = video_codec(path)
-        if codec not in CPU_CODECS:
-            raise VideoDecodeError(path, f"DALI's CPU decoder reads {', '.join(CPU_CODECS)}, not {codec}; use backend='pyav' "
-                                         "or re-encode with `stop-fast prepare --reencode-dir ... --codec vp9`")
+        check_codec(path, video_codec(path), on_gpu)
 
 
 @functools.lru_cache(maxsize=4)
