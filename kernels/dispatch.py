@@ -10,12 +10,9 @@ import os
 
 import torch
 
-try:  # triton ships with CUDA builds of torch; a CPU-only torch may lack it
-    import triton  # noqa: F401
+from ._triton import triton
 
-    HAS_TRITON = True
-except ImportError:  # pragma: no cover - depends on the install
-    HAS_TRITON = False
+HAS_TRITON = triton is not None  # CUDA builds of torch ship triton; CPU-only builds may not
 
 
 def interpreter_enabled() -> bool:

@@ -27,9 +27,8 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import jit, tl, triton
 from .aot import CompileCase
 from .dispatch import use_triton
 
@@ -39,7 +38,7 @@ BLOCK_R = 16
 NUM_WARPS = 8
 
 
-@triton.jit
+@jit
 def _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER: tl.constexpr):
     """Start row of frame ``f`` in the packed buffer and which of ``rows`` exist (1 + N + n_f of them).
     Counts are clamped to 0..rho so even unchecked input never reads past ``inter``."""
@@ -51,7 +50,7 @@ def _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER: tl.constexpr):
     return start, rows < N + 1 + count
 
 
-@triton.jit
+@jit
 def _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K: tl.constexpr):
     """For each row 1 + j, the slot s with topk_idx[f, s] == j (if any) and its gate: a
     BLOCK_R x BLOCK_K compare in registers, never an N x k matrix in memory."""
@@ -64,7 +63,7 @@ def _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K: tl.constexpr):
     return has_prompt, slot, g
 
 
-@triton.jit
+@jit
 def _pack_fwd_kernel(
     z_ptr, counts_ptr, cu_ptr, idx_ptr, gate_ptr, intra_ptr, inter_ptr, x_ptr,
     total_tokens, N, D, K, RHO,
@@ -100,7 +99,7 @@ def _pack_fwd_kernel(
         tl.store(x_ptr + out_row[:, None] * D + cols[None, :], val.to(x_ptr.dtype.element_ty), mask=valid[:, None] & cmask)
 
 
-@triton.jit
+@jit
 def _pack_bwd_kernel(
     dx_ptr, counts_ptr, cu_ptr, idx_ptr, gate_ptr, intra_ptr,
     dz_ptr, dgate_ptr, dintra_ptr, dinter_ptr,

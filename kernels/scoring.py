@@ -30,9 +30,8 @@ import math
 from typing import List, NamedTuple, Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import jit, tl, triton
 from .aot import CompileCase
 from .dispatch import interpreter_enabled, use_triton
 
@@ -46,7 +45,7 @@ class PatchScores(NamedTuple):
     variation: Optional[torch.Tensor]  # v (F,) fp32, None without inter_logits
 
 
-@triton.jit
+@jit
 def _scores_fwd_kernel(
     u_ptr, keys_ptr, bias_ptr, dyn_logits_ptr, w_ptr,
     attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
@@ -110,7 +109,7 @@ def _scores_fwd_kernel(
         tl.store(var_ptr + f, tl.sum(tl.abs(w) * weight, axis=0) / N)
 
 
-@triton.jit
+@jit
 def _scores_bwd_kernel(
     dgate_ptr, dvar_ptr, dyn_ptr, score_ptr, topk_ptr, w_ptr,
     d_dyn_logits_ptr, dw_ptr,
@@ -224,7 +223,7 @@ def patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, a
         attn = logits.softmax(dim=-1).mean(dim=1)[:, 1:]
     dyn = dyn_logits.to(acc).softmax(dim=-1)
     score = (1 - alpha) * attn + alpha * dyn
-    topk = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k]
+    topk = torch.sort(score.detach(), dim=-1, descending=True, stable=True).indices[:, :k].contiguous()
     s_top = score.gather(1, topk)
     gate = k * s_top / s_top.sum(dim=1, keepdim=True)
     variation = None

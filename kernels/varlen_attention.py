@@ -27,9 +27,8 @@ import math
 from typing import List, Optional, Tuple
 
 import torch
-import triton
-import triton.language as tl
 
+from ._triton import jit, tl, triton
 from .aot import CompileCase
 from .dispatch import interpreter_enabled, use_triton
 
@@ -38,7 +37,7 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 
 
-@triton.jit
+@jit
 def _sequence_bases(cu_ptr, seq, head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads):
     """Where sequence ``seq`` starts, its length, and this head's base pointers into q, k, v.
 
@@ -54,7 +53,7 @@ def _sequence_bases(cu_ptr, seq, head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk
             v_ptr + start * sv_t + head * sv_h)
 
 
-@triton.jit
+@jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
@@ -98,7 +97,7 @@ def _attn_fwd_kernel(
     tl.store(lse_ptr + rows * num_heads, m + tl.log2(l), mask=row_ok)
 
 
-@triton.jit
+@jit
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
@@ -143,7 +142,7 @@ def _attn_bwd_dkdv_kernel(
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
 
 
-@triton.jit
+@jit
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
