@@ -10,7 +10,9 @@ if [ "$gpu" = none ]; then echo "run_gpu.sh: no CUDA device visible; nothing to 
 out=${1:-benchmarks/results/$gpu}
 mkdir -p "$out"
 if [ -d .gpu/base ]; then bash .gpu/base/gpu-install .gpu 2>&1 | tee "$out/install.txt"; fi
-python3 -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -n 2
+# a regular install: the machine has no network for an isolated build, and editable installs of
+# the kernels/ mapping need a newer setuptools than it may have
+python3 -m pip install -q --no-deps --no-build-isolation . 2>&1 | tail -n 2
 nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true
 status=0
 # step LOG CMD...: run CMD, keep its output in $out/LOG, remember a failure but go on
