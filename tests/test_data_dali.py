@@ -56,10 +56,13 @@ def test_dali_training_batches_are_seeded(tmp_path):
                for i in range(4)]
     ds = VideoDataset("fixture", "train", samples, classes=["a"])
 
-    def run(seed):
-        return [b["video"] for b in DaliVideoLoader(ds, 4, 2, size=32, mode="train", seed=seed, device="cpu")]
+    def run(seed, dtype=torch.float32):
+        return [b["video"] for b in DaliVideoLoader(ds, 4, 2, size=32, mode="train", seed=seed, device="cpu", dtype=dtype)]
 
     a, b, c = run(1), run(1), run(2)
+    half = run(1, torch.bfloat16)
+    assert half[0].dtype == torch.bfloat16
+    torch.testing.assert_close(half[0].float(), a[0], rtol=1e-2, atol=1e-2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert any(not torch.equal(x, y) for x, y in zip(a, c))
 

@@ -42,8 +42,8 @@ class DaliVideoLoader:
             raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
             raise ValueError("device='gpu' needs a CUDA device; use device='cpu'")
-        if dtype not in (torch.float32, torch.float16):
-            raise ValueError(f"dtype must be float32 or float16 (DALI's outputs), got {dtype}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
         self.dataset, self.num_frames, self.batch_size, self.size, self.mode = dataset, num_frames, batch_size, size, mode
         self.seed, self.device, self.dtype = seed, device, dtype
         self.flip = dataset.allow_flip if flip is None else flip
@@ -172,8 +172,11 @@ class DaliVideoLoader:
                 self._pipe.feed_input(name, data)
             (out,) = self._pipe.run()
             out = out.as_tensor()
-            video = torch.empty(out.shape(), dtype=self.dtype, device="cuda" if self.device == "gpu" else "cpu")
+            # DALI writes fp32 or fp16; bf16 (the training dtype) is one cast on the device
+            dali_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
+            video = torch.empty(out.shape(), dtype=dali_dtype, device="cuda" if self.device == "gpu" else "cpu")
             feed_ndarray(out, video, cuda_stream=torch.cuda.current_stream() if self.device == "gpu" else None)
+            video = video.to(self.dtype)
             valid_t = torch.tensor(valid, dtype=torch.bool)
             self.stats["clips"] += int(valid_t.sum())
             yield {"video": video, "label": torch.tensor(labels), "index": torch.tensor(kept), "valid": valid_t}
