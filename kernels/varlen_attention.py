@@ -9,7 +9,7 @@ of its own sequence with the online softmax (running max m and sum l, in base 2 
 work), accumulating ``P V`` in fp32; no L x L matrix ever reaches memory. It stores the output and the
 row's logsumexp (fp32, in log2 units, so the backward recomputes P bit for bit as the forward did).
 
-Backward: ``delta_i = <dO_i, O_i>`` (one PyTorch reduction), then two kernels, no atomics:
+Backward: ``delta_i = <dO_i, O_i>`` (a small row-reduction kernel), then two kernels, no atomics:
 - per (key block, sequence, head): recompute ``P = exp(scale q k^T - lse)`` block by block over the
   sequence's queries and accumulate ``dV += P^T dO`` and ``dK += scale * dS^T Q`` with
   ``dS = P * (dO V^T - delta)``;
@@ -35,6 +35,7 @@ from .dispatch import interpreter_enabled, use_triton
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
+DELTA_ROWS = 64  # (token, head) rows per program of the backward's delta pass
 
 
 @jit
@@ -95,6 +96,18 @@ def _attn_fwd_kernel(
              mask=row_ok[:, None])
     # logsumexp in log2 units: the backward recomputes P with the very same exp2 as this loop
     tl.store(lse_ptr + rows * num_heads, m + tl.log2(l), mask=row_ok)
+
+
+@jit
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, rows_total, HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
+    """delta[r] = <dO[r], O[r]> over the (token, head) rows of the contiguous layouts, fp32."""
+    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    dims = tl.arange(0, HEAD_DIM)
+    ok = rows < rows_total
+    offs = rows.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
+    o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(delta_ptr + rows, tl.sum(o * do, axis=1), mask=ok)
 
 
 @jit
@@ -238,7 +251,9 @@ def _launch_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     num_seqs = cu_seqlens.numel() - 1
     if total == 0 or num_seqs == 0 or max_seqlen == 0:
         return dq, dk, dv
-    delta = (do.float() * out.float()).sum(-1)  # (total, heads)
+    delta = torch.empty(total, heads, dtype=torch.float32, device=q.device)
+    _attn_bwd_delta_kernel[(triton.cdiv(total * heads, DELTA_ROWS),)](
+        out, do, delta, total * heads, HEAD_DIM=head_dim, BLOCK_T=DELTA_ROWS, num_warps=4)
     block_m, block_n, warps, stages = _config(head_dim, q.dtype)
     common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
                   num_warps=warps, num_stages=stages)
@@ -428,4 +443,8 @@ def compile_cases() -> List[CompileCase]:
                                       ("bwd_dq", _attn_bwd_dq_kernel, dq)):
                 cases.append(CompileCase(f"attn_{name}_d{head_dim}_{t}", kernel, sig, consts,
                                          num_warps=warps, num_stages=stages))
+            delta = {"o_ptr": p, "do_ptr": p, "delta_ptr": "*fp32", "rows_total": "i32",
+                     "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr"}
+            cases.append(CompileCase(f"attn_bwd_delta_d{head_dim}_{t}", _attn_bwd_delta_kernel, delta,
+                                     dict(HEAD_DIM=head_dim, BLOCK_T=DELTA_ROWS), num_warps=4))
     return cases
