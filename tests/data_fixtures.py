@@ -2,6 +2,8 @@
 ``level(i, n)`` with a white square whose column moves right, so decoded frames can be identified."""
 from __future__ import annotations
 
+from fractions import Fraction
+
 import av
 import numpy as np
 
@@ -20,7 +22,9 @@ def frame_content(i: int, n: int, width: int, height: int) -> np.ndarray:
     return img
 
 
-def write_video(path, num_frames=24, width=64, height=48, codec="mpeg4", fps=12, pix_fmt=None, rotation=None):
+def write_video(path, num_frames=24, width=64, height=48, codec="mpeg4", fps=12, pix_fmt=None, rotation=None,
+                times_ms=None):
+    """``times_ms``: presentation time of each frame in milliseconds (variable frame rate)."""
     pix_fmt = pix_fmt or ("yuvj420p" if codec == "mjpeg" else "yuv420p")
     with av.open(str(path), mode="w") as container:
         stream = container.add_stream(codec, rate=fps)
@@ -34,8 +38,12 @@ def write_video(path, num_frames=24, width=64, height=48, codec="mpeg4", fps=12,
             stream.options = {"crf": "10", "b:v": "0", "g": "8"}
         if rotation is not None:
             stream.set_display_rotation(rotation)
+        if times_ms is not None:
+            stream.codec_context.time_base = Fraction(1, 1000)
         for i in range(num_frames):
             frame = av.VideoFrame.from_ndarray(frame_content(i, num_frames, width, height), format="rgb24")
+            if times_ms is not None:
+                frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

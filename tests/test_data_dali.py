@@ -1,4 +1,5 @@
 """DALI decoding on the CPU (VP9 / MJPEG), against PyAV; GPU (NVDEC) cases are marked gpu."""
+import numpy as np
 import pytest
 import torch
 
@@ -89,6 +90,90 @@ def test_dali_loader_uses_the_manifest_instead_of_probing(tmp_path, monkeypatch)
     def no_probe(path):
         raise AssertionError(f"probed {path} although the manifest knows it")
 
-    monkeypatch.setattr(dali_loader, "count_frames", no_probe)
+    monkeypatch.setattr(dali_loader, "probe_stream", no_probe)
     batches = list(DaliVideoLoader(ds, 4, 2, size=32, mode="eval", device="cpu", manifest=str(manifest)))
     assert len(batches) == 1 and batches[0]["valid"].all()
+
+
+def test_dali_single_clips_apply_rotation_like_pyav(tmp_path):
+    path = write_video(tmp_path / "rot.mp4", num_frames=12, codec="libvpx-vp9", rotation=90)
+    frames = decode_frames_dali(str(path), [0], use_gpu=False)
+    assert frames.shape == (1, 48, 64, 3)  # DALI itself ignores the rotation...
+    dali = read_video_clip(path, 3, size=32, backend="dali")
+    pyav = read_video_clip(path, 3, size=32, backend="pyav")
+    assert (dali - pyav).abs().mean() < 0.05  # ...read_video_clip turns it upright, as PyAV does
+
+
+def _breaks_dali_but_passes_the_probe(folder):
+    """A VP9 file with a damaged packet: PyAV's probe counts its frames, DALI's decoder fails on it."""
+    from stop_fast.data.pyav_reader import probe_stream
+
+    clean = write_video(folder / "clean.webm", num_frames=48, codec="libvpx-vp9").read_bytes()
+    rng = np.random.default_rng(0)
+    for offset in range(200, len(clean) - 400, 50):
+        data = bytearray(clean)
+        data[offset : offset + 400] = rng.integers(0, 256, 400, dtype=np.uint8).tobytes()
+        path = folder / "damaged.webm"
+        path.write_bytes(bytes(data))
+        try:
+            if probe_stream(str(path))[1] < 2:
+                continue
+        except VideoDecodeError:
+            continue
+        try:
+            decode_frames_dali(str(path), [0, 1], use_gpu=False)
+        except VideoDecodeError:
+            return path
+    raise AssertionError("no damaged file that passes the probe and breaks DALI")
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_dali_loader_survives_a_file_that_breaks_the_decoder(tmp_path, mode, caplog):
+    import logging
+
+    damaged = _breaks_dali_but_passes_the_probe(tmp_path)
+    rotated = write_video(tmp_path / "rotated.webm", num_frames=12, codec="libvpx-vp9", rotation=90)
+    good = [write_video(tmp_path / f"v{i}.webm", num_frames=12, codec="libvpx-vp9") for i in range(3)]
+    samples = [Sample(str(p), 0) for p in [good[0], damaged, good[1], rotated, good[2]]]
+    ds = VideoDataset("fixture", mode, samples, classes=["a"])
+    loader = DaliVideoLoader(ds, 4, 5, size=32, mode=mode, device="cpu", flip=False)
+    with caplog.at_level(logging.WARNING, logger="stop_fast.data.dali_loader"):
+        (batch,) = list(loader)
+        assert "damaged.webm (DALI could not decode it" in caplog.text  # found by the one-by-one search
+        assert "rotated.webm (rotation metadata" in caplog.text
+        (again,) = list(loader)  # the bad files are remembered: no second failed batch
+    index = batch["index"].tolist()
+    if mode == "eval":
+        assert index == [0, 1, 2, 3, 4] and batch["valid"].tolist() == [True, False, True, False, True]
+        assert loader.stats == {"clips": 6, "failures": 4}
+    else:
+        assert batch["valid"].all() and not {1, 3} & set(index)  # replaced by readable videos
+        assert loader.stats["clips"] == 10 and loader.stats["failures"] >= 4
+    assert torch.isfinite(batch["video"]).all() and torch.equal(batch["video"], again["video"])
+
+
+def test_dali_loader_restarts_cleanly_after_an_abandoned_epoch(tmp_path):
+    samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=8 + i, codec="libvpx-vp9")), i) for i in range(4)]
+    ds = VideoDataset("fixture", "test", samples, classes=["a", "b", "c", "d"])
+    loader = DaliVideoLoader(ds, 2, 2, size=16, mode="eval", device="cpu")
+    full = list(loader)
+    for batch in loader:  # leave after the first batch, with the second already scheduled
+        break
+    again = list(loader)
+    assert [b["index"].tolist() for b in again] == [[0, 1], [2, 3]]
+    assert all(torch.equal(a["video"], b["video"]) for a, b in zip(full, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dali_gpu_loader_matches_the_cpu_loader(tmp_path, dtype):
+    samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=20, width=96, codec="libvpx-vp9")), i % 2)
+               for i in range(5)]
+    ds = VideoDataset("fixture", "train", samples, classes=["a", "b"])
+    gpu = list(DaliVideoLoader(ds, 4, 2, size=32, mode="train", seed=4, device="gpu", dtype=dtype))
+    cpu = list(DaliVideoLoader(ds, 4, 2, size=32, mode="train", seed=4, device="cpu"))
+    assert len(gpu) == len(cpu) == 2
+    for g, c in zip(gpu, cpu):
+        assert g["video"].is_cuda and g["video"].dtype == dtype and torch.equal(g["index"], c["index"])
+        # the same frames, crops and flips; NVDEC and libvpx may round a level differently
+        assert (g["video"].float().cpu() - c["video"]).abs().mean() < 0.05

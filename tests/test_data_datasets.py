@@ -15,14 +15,14 @@ def test_ucf101(tmp_path):
     ann = tmp_path / "ucfTrainTestlist"
     _write(ann / "classInd.txt", "1 ApplyEyeMakeup\n2 ApplyLipstick\n3 Archery\n")
     _write(ann / "trainlist01.txt", "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi 1\nArchery/v_Archery_g08_c02.avi 3\n")
-    _write(ann / "testlist01.txt", "ApplyLipstick/v_ApplyLipstick_g01_c01.avi\r\n")
+    _write(ann / "testlist01.txt", "ApplyLipstick/v_ApplyLipstick_g01_c01.avi\r\narchery/v_Archery_g01_c01.avi\n")
     train = build_dataset("ucf101", tmp_path, "train")
     assert train.classes == ["ApplyEyeMakeup", "ApplyLipstick", "Archery"]
     assert [(s.path, s.label) for s in train.samples] == [
         (str(tmp_path / "ApplyEyeMakeup/v_ApplyEyeMakeup_g08_c01.avi"), 0),
         (str(tmp_path / "Archery/v_Archery_g08_c02.avi"), 2)]
     test = build_dataset("ucf101", tmp_path, "test")
-    assert [s.label for s in test.samples] == [1]
+    assert [s.label for s in test.samples] == [1, 2]  # class from the folder, whatever its case
     assert test.class_texts()[2] == "a video of a person doing Archery"
     with pytest.raises(FileNotFoundError, match="testlist02"):
         build_dataset("ucf101", tmp_path, "test", fold=2)

@@ -83,3 +83,22 @@ def test_worker_processes_give_the_same_batches(small_dataset):
     par = list(VideoLoader(small_dataset, 4, 3, size=32, mode="eval", num_workers=2))
     for a, b in zip(ref, par):
         assert torch.equal(a["index"], b["index"]) and torch.equal(a["video"], b["video"])
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_ranks_get_disjoint_shares_and_equal_batch_counts(small_dataset, mode):
+    shares, counts = [], []
+    for rank in range(2):
+        loader = VideoLoader(small_dataset, num_frames=2, batch_size=2, size=16, mode=mode, seed=3, rank=rank,
+                             world_size=2, num_workers=0)
+        loader.set_epoch(1)
+        batches = list(loader)
+        counts.append(len(batches))
+        index = torch.cat([b["index"] for b in batches])
+        assert all(b["video"].shape == (2, 2, 3, 16, 16) for b in batches)
+        shares.append([i for i in index.tolist() if i != PADDING])
+    assert counts[0] == counts[1] == (2 if mode == "eval" else 1)  # training drops the partial batch
+    if mode == "eval":  # every sample exactly once over the ranks (the broken one reported, not dropped)
+        assert sorted(shares[0] + shares[1]) == list(range(6)) and not set(shares[0]) & set(shares[1])
+    else:  # the broken file (5) was replaced, so the shares may meet only in its replacement
+        assert 5 not in shares[0] + shares[1] and len(set(shares[0]) & set(shares[1])) <= 1

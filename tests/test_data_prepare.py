@@ -1,6 +1,8 @@
 """stop-fast prepare: probing, the manifest, resuming, re-encoding, and loaders skipping bad files."""
 import json
 
+import torch
+
 from stop_fast.cli import main
 from stop_fast.data import read_video_clip
 from stop_fast.data.datasets import build_dataset
@@ -69,3 +71,18 @@ def test_loaders_leave_out_files_the_manifest_marks_bad(tmp_path):
 def test_prepare_needs_a_root_for_datasets(tmp_path, capsys):
     assert main(["prepare", "--dataset", "ucf101", "--manifest", str(tmp_path / "m.jsonl")]) == 2
     assert "--root" in capsys.readouterr().err
+
+
+def test_reencoding_applies_rotation(tmp_path):
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    src = write_video(videos / "phone.mp4", num_frames=12, width=64, height=48, rotation=90)
+    manifest = tmp_path / "manifest.jsonl"
+    assert main(["prepare", "--videos", str(videos), "--manifest", str(manifest), "--reencode-dir",
+                 str(tmp_path / "out"), "--codec", "mjpeg", "--short-side", "48", "--workers", "1"]) == 0
+    rec = read_manifest(str(manifest))[str(src)]
+    assert rec["rotation"] == 90 and (rec["width"], rec["height"]) == (64, 48)
+    copy = probe_video(rec["prepared"])
+    assert copy["rotation"] == 0 and (copy["width"], copy["height"]) == (48, 64)  # upright pixels
+    torch.testing.assert_close(read_video_clip(rec["prepared"], 3, size=32), read_video_clip(src, 3, size=32),
+                               atol=0.25, rtol=0)

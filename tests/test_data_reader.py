@@ -5,8 +5,7 @@ import pytest
 import torch
 
 from stop_fast.data import VideoDecodeError, read_video_clip, sample_indices
-from stop_fast.data.pyav_reader import count_frames, decode_frames
-from stop_fast.synthetic import clip_normalise
+from stop_fast.data.pyav_reader import count_frames, decode_frames, probe_stream
 
 from data_fixtures import CONTAINERS, level, write_audio_only, write_video
 
@@ -79,10 +78,29 @@ def test_flip_mirrors_the_clip(tmp_path):
     torch.testing.assert_close(flipped, plain.flip(-1))
 
 
-def test_rotation_metadata_is_applied(tmp_path):
-    path = write_video(tmp_path / "rot.mp4", width=64, height=48, rotation=90)
+@pytest.mark.parametrize("rotation", [90, -90])
+def test_rotation_metadata_is_applied(tmp_path, rotation):
+    path = write_video(tmp_path / "rot.mp4", width=64, height=48, rotation=rotation)
+    assert probe_stream(str(path)) == ("mpeg4", 24, rotation)
     frames, _ = decode_frames(str(path), [0])
-    assert frames[0].shape == (64, 48, 3)  # displayed upright: width and height swap
+    frame = frames[0].astype(int)
+    assert frame.shape == (64, 48, 3)  # displayed upright: width and height swap
+    # frame 0's square sits at the top-left of the coded picture; a quarter turn counter-clockwise
+    # (FFmpeg's +90) takes it to the bottom-left, clockwise (-90) to the top-right
+    side = 48 // 6
+    corners = {"bottom-left": frame[-side:, :side], "top-right": frame[:side, -side:],
+               "top-left": frame[:side, :side], "bottom-right": frame[-side:, -side:]}
+    bright = [name for name, patch in corners.items() if patch.mean() > 200]
+    assert bright == (["bottom-left"] if rotation == 90 else ["top-right"])
+
+
+def test_variable_frame_rate_samples_by_decoded_frame(tmp_path):
+    # bursts and gaps in time: sampling by timestamp would pick other frames than sampling by index
+    times = [0, 10, 20, 200, 210, 600, 610, 620, 900, 1500, 1510, 1520]
+    path = write_video(tmp_path / "vfr.mkv", num_frames=12, codec="mpeg4", times_ms=times)
+    clip = read_video_clip(path, 4, size=32, mode="eval")
+    for t, i in enumerate(sample_indices(12, 4, "eval")):  # [1, 4, 7, 10]
+        assert abs(_frame_level(clip, t) - level(i, 12)) < 4, t
 
 
 def test_grayscale_and_odd_sizes(tmp_path):
@@ -135,3 +153,21 @@ def test_cli_encodes_a_video_file(tmp_path, capsys):
     assert '"embedding_dim": 64' in capsys.readouterr().out
     assert main(["encode", "--model", "stop-tiny", "--frames", "4", "--video", str(tmp_path / "none.mp4")]) == 2
     assert "none.mp4" in capsys.readouterr().err
+
+
+def test_missing_backends_are_named(tmp_path, monkeypatch):
+    import subprocess
+    import sys
+
+    # the package imports with neither PyAV nor DALI installed
+    code = ("import sys; sys.modules['av'] = None; sys.modules['nvidia'] = None; sys.modules['nvidia.dali'] = None; "
+            "import stop_fast.data as d; print(d.sample_indices(8, 2))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "[2, 6]", out.stderr
+    path = write_video(tmp_path / "clip.mp4", num_frames=8)
+    monkeypatch.setitem(sys.modules, "nvidia.dali", None)
+    with pytest.raises(ImportError, match="nvidia-dali"):
+        read_video_clip(path, 2, size=16, backend="dali")
+    monkeypatch.setitem(sys.modules, "av", None)
+    with pytest.raises(ImportError, match="pip install av"):
+        read_video_clip(path, 2, size=16, backend="pyav")

@@ -38,3 +38,21 @@ def test_average_views():
     torch.testing.assert_close(average_views(x, 3), torch.tensor([[2.0, 3.0], [8.0, 9.0]]))
     with pytest.raises(ValueError, match="multiple"):
         average_views(x, 4)
+
+
+def test_loader_yields_every_view_of_each_video(tmp_path):
+    from stop_fast.data.datasets import Sample, VideoDataset
+    from stop_fast.data.loader import VideoLoader
+
+    paths = [write_video(tmp_path / f"v{i}.mp4", num_frames=20 + 4 * i, width=80, height=48) for i in range(2)]
+    (tmp_path / "broken.mp4").write_bytes(b"junk" * 64)
+    ds = VideoDataset("fixture", "test", [Sample(str(p), 0) for p in paths] + [Sample(str(tmp_path / "broken.mp4"), 0)],
+                      classes=["a"])
+    batches = list(VideoLoader(ds, 3, 2, size=24, mode="eval", num_workers=0, num_clips=2, num_crops=3))
+    assert [b["video"].shape for b in batches] == [(2, 6, 3, 3, 24, 24)] * 2
+    assert torch.cat([b["valid"] for b in batches]).tolist() == [True, True, False, False]
+    torch.testing.assert_close(batches[0]["video"][1], read_video_views(paths[1], 3, size=24, num_clips=2, num_crops=3))
+    features = batches[0]["video"].flatten(0, 1).mean(dim=(1, 2, 3, 4))  # a stand-in model: one number per view
+    torch.testing.assert_close(average_views(features, 6), batches[0]["video"].mean(dim=(1, 2, 3, 4, 5)))
+    with pytest.raises(ValueError, match="eval"):
+        VideoLoader(ds, 3, 2, mode="train", num_clips=2)

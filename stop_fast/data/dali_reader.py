@@ -4,6 +4,8 @@ DALI's CPU video decoder handles VP8, VP9 and MJPEG only (H.264 and MPEG-4 need 
 machine without CUDA other codecs are refused with a :class:`VideoDecodeError` that says to use
 PyAV or to re-encode with ``stop-fast prepare``. Frame counts and codecs come from a PyAV probe of
 the container (demuxing only), so a file DALI would choke on is reported before DALI sees it.
+DALI ignores rotation metadata; single clips are turned upright after decoding (the batched loader
+refuses rotated files instead: ``stop-fast prepare --reencode-dir`` writes upright copies).
 """
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from .errors import VideoDecodeError
-from .pyav_reader import _open, count_frames
+from .pyav_reader import _open, probe_stream
 from .sampling import sample_indices
 
 CPU_CODECS = ("vp8", "vp9", "mjpeg")
@@ -95,7 +97,10 @@ def decode_frames_dali(path: str, indices: Sequence[int], use_gpu: Optional[bool
 
 
 def read_clip_dali(path: str, num_frames: int, mode: str, rng: random.Random, use_gpu: Optional[bool] = None) -> torch.Tensor:
-    total = count_frames(path)
+    codec, total, rotation = probe_stream(path)
     if total == 0:
         raise VideoDecodeError(path, "the video stream holds no frames")
-    return decode_frames_dali(path, sample_indices(total, num_frames, mode, rng), use_gpu)
+    check_codec(path, codec, torch.cuda.is_available() if use_gpu is None else use_gpu)
+    frames = decode_frames_dali(path, sample_indices(total, num_frames, mode, rng), use_gpu)
+    quarter = int(round(rotation / 90.0)) % 4  # counter-clockwise, FFmpeg's convention, as in the PyAV path
+    return torch.rot90(frames, quarter, dims=(1, 2)).contiguous() if quarter else frames

@@ -68,10 +68,18 @@ def ucf101(root: PathLike, split: str = "train", fold: int = 1, annotations: Opt
     classes = [line.split(maxsplit=1)[1] for line in _lines(_need(ann / "classInd.txt", "UCF101 classInd.txt"))]
     index = {c: i for i, c in enumerate(classes)}
     listing = _need(ann / f"{split}list0{fold}.txt", f"UCF101 {split} list")
+    lower = {c.lower(): i for c, i in index.items()}  # folder and classInd spellings differ in case
     samples = []
     for line in _lines(listing):
-        rel = line.split()[0]
-        samples.append(Sample(str(root / rel), index[rel.split("/")[0]]))
+        parts = line.split()
+        rel, folder = parts[0], parts[0].split("/")[0]
+        if len(parts) > 1:  # trainlist lines carry the 1-based class number
+            label = int(parts[1]) - 1
+        elif folder in index or folder.lower() in lower:
+            label = index.get(folder, lower.get(folder.lower()))
+        else:
+            raise ValueError(f"{listing}: class folder {folder!r} is not in classInd.txt")
+        samples.append(Sample(str(root / rel), label))
     return VideoDataset("ucf101", split, samples, classes)
 
 

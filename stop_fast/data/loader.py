@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from .datasets import VideoDataset
 from .errors import VideoDecodeError
 from .reader import read_video_clip
+from .views import read_video_views
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +29,13 @@ class ClipDataset(Dataset):
     """Item ``i`` of a :class:`VideoDataset` as a decoded clip; ``PADDING`` gives an invalid zero clip."""
 
     def __init__(self, dataset: VideoDataset, num_frames: int, size: int = 224, mode: str = "eval",
-                 seed: int = 0, flip: Optional[bool] = None, max_replacements: int = 10):
+                 seed: int = 0, flip: Optional[bool] = None, max_replacements: int = 10, num_clips: int = 1,
+                 num_crops: int = 1):
+        if (num_clips, num_crops) != (1, 1) and mode != "eval":
+            raise ValueError("num_clips / num_crops (multi-view) apply to mode='eval' only")
+        if num_clips < 1 or num_crops not in (1, 3):
+            raise ValueError(f"num_clips must be >= 1 and num_crops 1 or 3, got {num_clips}, {num_crops}")
+        self.num_clips, self.num_crops = num_clips, num_crops
         self.dataset = dataset
         self.num_frames, self.size, self.mode, self.seed = num_frames, size, mode, seed
         self.flip = dataset.allow_flip if flip is None else flip
@@ -44,7 +51,8 @@ class ClipDataset(Dataset):
                 "failures": failures}
 
     def __getitem__(self, index: int) -> Dict:
-        empty = torch.zeros(self.num_frames, 3, self.size, self.size)
+        views = self.num_clips * self.num_crops
+        empty = torch.zeros(*((views,) if views > 1 else ()), self.num_frames, 3, self.size, self.size)
         if index == PADDING:
             return self._item(PADDING, empty, False, 0)
         rng = random.Random(hash((self.seed, self.epoch, index)))
@@ -54,8 +62,11 @@ class ClipDataset(Dataset):
             sample = self.dataset.samples[current]
             flip = self.mode == "train" and self.flip and rng.random() < 0.5
             try:
-                clip = read_video_clip(sample.path, self.num_frames, self.size, self.mode,
-                                       seed=rng.randrange(2**31), flip=flip)
+                if views > 1:
+                    clip = read_video_views(sample.path, self.num_frames, self.size, self.num_clips, self.num_crops)
+                else:
+                    clip = read_video_clip(sample.path, self.num_frames, self.size, self.mode,
+                                           seed=rng.randrange(2**31), flip=flip)
                 return self._item(current, clip, True, failures)
             except VideoDecodeError as exc:
                 failures += 1
@@ -113,13 +124,18 @@ class ShardedSampler(Sampler[int]):
 class VideoLoader:
     """Batches ``{"video": (B, T, 3, S, S), "label": (B,), "index": (B,), "valid": (B,) bool}``.
 
+    Multi-view evaluation (``num_clips`` clips x ``num_crops`` crops, see :mod:`.views`) makes the
+    video ``(B, views, T, 3, S, S)``; run the model on ``video.flatten(0, 1)`` and average with
+    ``views.average_views(outputs, views)``.
+
     ``stats`` counts clips decoded and files that failed (each failure is also logged by name).
     """
 
     def __init__(self, dataset: VideoDataset, num_frames: int, batch_size: int, size: int = 224,
                  mode: str = "eval", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
-                 flip: Optional[bool] = None, dtype: torch.dtype = torch.float32):
-        self.clips = ClipDataset(dataset, num_frames, size, mode, seed, flip)
+                 flip: Optional[bool] = None, dtype: torch.dtype = torch.float32, num_clips: int = 1,
+                 num_crops: int = 1):
+        self.clips = ClipDataset(dataset, num_frames, size, mode, seed, flip, num_clips=num_clips, num_crops=num_crops)
         self.sampler = ShardedSampler(len(dataset), batch_size, mode, rank, world_size, seed)
         self.dtype = dtype
         self.loader = DataLoader(self.clips, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,

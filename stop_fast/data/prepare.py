@@ -4,7 +4,11 @@ The manifest is JSON lines, one record per video, appended as each video is done
 run resumes where it stopped:
 
     {"path": ..., "ok": true, "codec": "h264", "frames": 300, "fps": 29.97, "width": 320, "height": 240,
-     "duration": 10.0, "prepared": "<re-encoded file or null>", "error": null}
+     "rotation": 0, "duration": 10.0, "prepared": "<re-encoded file or null>", "error": null}
+
+``frames`` counts decoded frames (the index space the samplers use, also for variable frame rate);
+``width`` / ``height`` are the coded size and ``rotation`` the display rotation in degrees
+counter-clockwise (the copies are written upright, with rotation 0).
 
 Loaders drop the files marked bad (``exclude_bad``). Re-encoding writes a decode-friendly copy:
 short side 256 (default), a key frame every 8 frames, VP9 or MJPEG (both decode on DALI's CPU
@@ -35,7 +39,7 @@ def probe_video(path: str) -> Dict:
     import av
 
     record = {"path": path, "ok": False, "codec": None, "frames": 0, "fps": None, "width": None, "height": None,
-              "duration": None, "prepared": None, "error": None}
+              "rotation": 0, "duration": None, "prepared": None, "error": None}
     try:
         if not os.path.isfile(path):
             raise VideoDecodeError(path, "file not found")
@@ -48,6 +52,8 @@ def probe_video(path: str) -> Dict:
                           fps=float(stream.average_rate) if stream.average_rate else None)
             frames = 0
             for frame in container.decode(stream):  # decode, not just demux: proves the file reads
+                if frames == 0:
+                    record["rotation"] = int(round(getattr(frame, "rotation", 0) or 0))
                 frames += 1
             record["frames"] = frames
             if stream.duration is not None and stream.time_base is not None:
@@ -62,16 +68,28 @@ def probe_video(path: str) -> Dict:
     return record
 
 
-def reencode_video(src: str, dst: str, codec: str = "vp9", short_side: int = 256, gop: int = 8) -> None:
-    """Write a decode-friendly copy of ``src``: short side ``short_side`` (even sizes), GOP ``gop``."""
+def reencode_video(src: str, dst: str, codec: str = "vp9", short_side: int = 256, gop: int = 8,
+                   rotation: Optional[int] = None) -> None:
+    """Write a decode-friendly copy of ``src``: short side ``short_side`` (even sizes), GOP ``gop``,
+    upright (``rotation``, degrees counter-clockwise, is applied to the pixels; probed when None),
+    one frame per decoded frame at the average rate (variable frame rate becomes constant)."""
     import av
 
+    from .pyav_reader import _upright, probe_stream
+
+    if codec not in CODECS:
+        raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
+    if rotation is None:
+        rotation = probe_stream(src)[2]
+    quarter = int(round(rotation / 90.0)) % 4
     name, _, pix_fmt = CODECS[codec]
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
     tmp = dst + ".part" + os.path.splitext(dst)[1]
     with av.open(src) as inp, av.open(tmp, mode="w") as out:
         vin = inp.streams.video[0]
         w, h = vin.codec_context.width, vin.codec_context.height
+        if quarter % 2:
+            w, h = h, w
         scale = short_side / min(w, h)
         width, height = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
         rate = vin.average_rate or 25
@@ -81,6 +99,8 @@ def reencode_video(src: str, dst: str, codec: str = "vp9", short_side: int = 256
         if codec == "vp9":
             vout.options.update({"crf": "32", "b:v": "0", "deadline": "realtime", "cpu-used": "8"})
         for frame in inp.decode(vin):
+            if quarter:
+                frame = av.VideoFrame.from_ndarray(_upright(frame.to_ndarray(format="rgb24"), rotation), format="rgb24")
             frame = frame.reformat(width=width, height=height, format=pix_fmt)
             frame.pts = None
             for packet in vout.encode(frame):
@@ -95,7 +115,7 @@ def _prepare_one(job) -> Dict:
     record = probe_video(path)
     if record["ok"] and out_path:
         try:
-            reencode_video(path, out_path, codec, short_side, gop)
+            reencode_video(path, out_path, codec, short_side, gop, record["rotation"])
             record["prepared"] = out_path
         except Exception as exc:
             record["ok"], record["error"] = False, f"re-encoding failed: {type(exc).__name__}: {exc}"

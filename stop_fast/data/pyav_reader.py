@@ -46,6 +46,34 @@ def count_frames(path: str) -> int:
         container.close()
 
 
+def probe_stream(path: str) -> Tuple[str, int, int]:
+    """(codec, frames, rotation) of the first video stream: frames counted by demuxing, the display
+    rotation (degrees counter-clockwise) read from the first decoded frame. PyAV exposes rotation only
+    on frames, and decoders that ignore it (DALI's) need to know before they decode."""
+    container = _open(path)
+    try:
+        stream = container.streams.video[0]
+        codec = stream.codec_context.name
+        frames, rotation, seen = 0, 0, False
+        for packet in container.demux(stream):
+            if not seen:
+                try:
+                    for frame in packet.decode():
+                        rotation, seen = int(round(getattr(frame, "rotation", 0) or 0)), True
+                        break
+                except Exception:  # a damaged first packet: the frame count still decides
+                    pass
+            if packet.size:
+                frames += 1
+        return codec, frames, rotation
+    except VideoDecodeError:
+        raise
+    except Exception as exc:
+        raise VideoDecodeError(path, f"corrupt stream while probing ({exc})") from exc
+    finally:
+        container.close()
+
+
 def decode_frames(path: str, indices: Sequence[int]) -> Tuple[List[np.ndarray], int]:
     """Decode the frames at ``indices`` (non-decreasing) as RGB uint8 (H, W, 3) arrays.
 

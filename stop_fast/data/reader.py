@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import torch
 
-from .dali_reader import dali_available, read_clip_dali
+from .dali_reader import dali_available, import_dali, read_clip_dali
 from .errors import VideoDecodeError
 from .pyav_reader import read_clip_pyav
 from .sampling import MODES
@@ -29,9 +29,12 @@ def read_video_clip(
 
     Sampling follows SPEC.md: ``mode="train"`` takes one random frame per segment (TSN) and a random
     crop (and a horizontal flip when ``flip``); ``mode="eval"`` the segment centres and the centre
-    crop. ``seed`` makes training sampling repeatable. ``backend``: ``"pyav"`` (FFmpeg on the CPU,
+    crop. Frames are picked by decoded-frame index, so variable frame rate needs no timestamps;
+    rotation metadata is applied (frames come out upright); grayscale becomes RGB; any size is
+    resized. ``seed`` makes training sampling repeatable. ``backend``: ``"pyav"`` (FFmpeg on the CPU,
     any codec), ``"dali"`` (NVIDIA DALI: NVDEC where there is a GPU, DALI's CPU decoder for VP8 / VP9
-    / MJPEG otherwise), ``"auto"`` (DALI on a GPU when DALI is installed, else PyAV). Any failure
+    / MJPEG otherwise), ``"auto"`` (DALI on a GPU when DALI is installed, falling back to PyAV for
+    what NVDEC cannot read; PyAV elsewhere). Any failure
     raises :class:`VideoDecodeError` naming the file.
     """
     if mode not in MODES:
@@ -43,11 +46,16 @@ def read_video_clip(
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ValueError(f"size must be an int >= 1, got {size!r}")
     rng = random.Random(seed)
-    if backend == "auto":
-        backend = "dali" if torch.cuda.is_available() and dali_available() else "pyav"
+    frames = None
     if backend == "dali":
+        import_dali()  # a missing package is named before any file is touched
         frames = read_clip_dali(os.fspath(path), num_frames, mode, rng)
-    else:
+    elif backend == "auto" and torch.cuda.is_available() and dali_available():
+        try:
+            frames = read_clip_dali(os.fspath(path), num_frames, mode, rng)
+        except VideoDecodeError:  # a codec NVDEC lacks (MPEG-4 Part 2, ...): FFmpeg reads it, same draws
+            rng = random.Random(seed)
+    if frames is None:
         frames = read_clip_pyav(path, num_frames, mode, rng)
     try:
         return resize_crop_normalise(frames, size, mode, rng, flip=flip and mode == "train")
