@@ -14,6 +14,7 @@ import sys
 import warnings
 
 import torch
+import torch._dynamo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import provenance, write_json  # noqa: E402
@@ -101,8 +102,6 @@ def main() -> int:
                   f"{row[name]['tflops']:6.1f} TFLOP/s  peak {row[name]['peak_memory_gib']:.2f} GiB")
         results[impl] = row
     if args.compile:
-        import torch._dynamo
-
         # the packed token count becomes an unbacked size instead of a graph break
         torch._dynamo.config.capture_scalar_outputs = True
         compiled = torch.compile(model.encode_video, fullgraph=True)

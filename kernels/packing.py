@@ -3,24 +3,42 @@
 SPEC.md steps 7 (overlay) and 11 (packing) in one pass over memory. Frame f's sequence starts at row
 ``cu_seqlens[f]`` and has ``1 + N + counts[f]`` rows:
 
-    row 0            z[f, 0]                                   (CLS + pos_0)
+    row 0            z[f, 0]                                    (CLS + pos_0)
     row 1 + j        z[f, 1 + j] + gate[f, s] * intra[f, s]     if topk_idx[f, s] == j (fp32, rounded once)
-                     z[f, 1 + j]                               otherwise
-    row 1 + N + i    inter[f, i]                               for i < counts[f]
+                     z[f, 1 + j]                                otherwise
+    row 1 + N + i    inter[f, i]  (in z's dtype)                for i < counts[f]
 
-Kernel (forward): one program per (frame, block of BLOCK_R rows), looping over D in BLOCK_D chunks.
-The row -> slot map of the overlay is found in registers by comparing the block's patch indices with
-the frame's k selected indices (a BLOCK_R x BLOCK_K compare), never as an N x k matrix in memory.
-Every output row is written exactly once; nothing is zero-filled.
+Backward, from the packed gradient dx (fp32 accumulation, each gradient in its input's dtype):
 
-Kernel (backward): the same grid over rows 0 .. N + rho of every frame, so every gradient row is
-written exactly once without atomics: dz[f, r] = dx[row]; for a selected patch, d intra[f, s] =
-gate * dx[row] and d gate[f, s] = <dx[row], intra[f, s]> (accumulated over the D loop in fp32); rows
-of unused inter-frame slots (i >= counts[f]) get zero gradient.
+    dz[f, r]        = dx[cu[f] + r]                              r = 0..N
+    d intra[f, s]   = gate[f, s] * dx[cu[f] + 1 + topk_idx[f, s]]
+    d gate[f, s]    = sum_d dx[cu[f] + 1 + topk_idx[f, s], d] * intra[f, s, d]
+    d inter[f, i]   = dx[cu[f] + 1 + N + i]  if i < counts[f], else 0
+
+Kernels. Both run one program per (frame, block of BLOCK_R rows of that frame's 1 + N + rho possible
+rows), looping over D in BLOCK_D columns, so every output row is written exactly once: no zero-fill
+pass, no atomics. The forward reads z / intra / inter and writes x; the backward reads dx (once) and
+intra and writes dz, d intra, d gate and d inter, the unused inter-frame slots with zeros.
+Which slot s (if any) selects the patch of row 1 + j is found per program by loading the frame's k
+indices and comparing them with the block's rows (a BLOCK_R x BLOCK_K compare in registers), never
+through an N x k matrix in memory. If two slots name the same patch (bad input that
+``check_inputs=False`` let through), the first one wins, in both directions; the backward's first
+row block writes zero gradients for slots that select nothing (duplicates, indices outside 0..N-1),
+so those are written exactly once too.
+
+Bandwidth. A pure copy-like kernel: at ViT-B/32 shapes it moves ~2 x 146 MB per direction. Two
+things matter and both are visible in the sm_90 compile report: 16-byte vector accesses (D is a
+constexpr, so row starts have known alignment, and ``_vec`` tells the compiler the base pointers are
+16-byte aligned, which the launch wrappers guarantee by copying any misaligned view), and few
+registers per thread (many programs in flight per SM).
+
+Robustness with ``check_inputs=False``: counts are clamped to 0..rho, the k indices only ever match
+rows 1..N, output rows outside 0..total_tokens-1 are masked, so no bad value makes a kernel read or
+write out of bounds (it only makes the result wrong).
 
 Host synchronisation: ``cu_seqlens_from_counts`` transfers two numbers (total tokens, longest count)
 in one copy; that is the fast path's only sync. ``pack_sequences`` itself never syncs unless
-``check_inputs=True`` validates index and count values.
+``check_inputs=True`` validates index, count and offset values.
 """
 from __future__ import annotations
 
@@ -33,15 +51,26 @@ from .aot import CompileCase
 from .dispatch import use_triton
 
 BLOCK_R = 16
-# 16 rows x 128 columns over 8 warps: 16-byte bf16 vectors per thread and ~130-150 registers on sm_90
-# (4 warps need ~250 registers: every element carries a 64-bit address).
-NUM_WARPS = 8
+# 16 rows x 128 (16-bit) or 64 (fp32) columns over 4 warps: two 16-byte vectors per thread and tensor.
+NUM_WARPS = 4
+# every 16-bit or fp32 row of a width divisible by 8 starts on a 16-byte boundary
+ALIGN_BYTES = 16
+
+
+@jit
+def _vec(ptrs, ALIGNED: tl.constexpr):
+    """Promise the compiler that each row segment of ``ptrs`` starts 16-byte aligned (true when the
+    base pointer is, which the wrappers ensure, and the row pitch D * itemsize is a multiple of 16),
+    so that loads and stores become 16-byte vectors."""
+    if ALIGNED:
+        ptrs = tl.multiple_of(ptrs, [1, 16])
+    return ptrs
 
 
 @jit
 def _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER: tl.constexpr):
     """Start row of frame ``f`` in the packed buffer and which of ``rows`` exist (1 + N + n_f of them).
-    Counts are clamped to 0..rho so even unchecked input never reads past ``inter``."""
+    Counts are clamped to 0..rho so that even unchecked input never reads past ``inter``."""
     if HAS_INTER:
         count = tl.minimum(tl.maximum(tl.load(counts_ptr + f), 0), RHO)
     else:
@@ -51,16 +80,44 @@ def _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER: tl.constexpr):
 
 
 @jit
-def _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K: tl.constexpr):
-    """For each row 1 + j, the slot s with topk_idx[f, s] == j (if any) and its gate: a
-    BLOCK_R x BLOCK_K compare in registers, never an N x k matrix in memory."""
-    slots = tl.arange(0, BLOCK_K)
-    sel = tl.load(idx_ptr + f * K + slots, mask=slots < K, other=-1)
-    hit = (sel[None, :] == (rows[:, None] - 1)) & (slots[None, :] < K)
-    has_prompt = tl.sum(hit.to(tl.int32), axis=1) > 0
-    slot = tl.minimum(tl.sum(tl.where(hit, slots[None, :], 0), axis=1), K - 1)
-    g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0).to(tl.float32)
-    return has_prompt, slot, g
+def _slot_of_rows(idx_ptr, f, rows, N, K, BLOCK_K: tl.constexpr):
+    """For each row 1 + j, the first slot s with topk_idx[f, s] == j, if any (clamped into 0..K-1
+    where there is none, so that a masked address stays in bounds). The k indices are compared with
+    the rows BLOCK_K at a time, so any k works with one compiled kernel."""
+    patch = rows - 1
+    is_patch = (patch >= 0) & (patch < N)
+    slot = tl.zeros_like(rows) + K
+    for s0 in range(0, K, BLOCK_K):
+        slots = s0 + tl.arange(0, BLOCK_K)
+        sel = tl.load(idx_ptr + f * K + slots, mask=slots < K, other=-1)
+        hit = (sel[None, :] == patch[:, None]) & (slots[None, :] < K) & is_patch[:, None]
+        slot = tl.minimum(slot, tl.min(tl.where(hit, slots[None, :], K), axis=1))
+    return slot < K, tl.minimum(slot, K - 1)
+
+
+@jit
+def _zero_orphan_slots(idx_ptr, dgate_ptr, dintra_ptr, f, N, K, D,
+                       BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Zero gradients for the slots that select no row: an index outside 0..N-1, or a patch that an
+    earlier slot already selects. Only bad input has such slots; they must still be written once."""
+    for s0 in range(0, K, BLOCK_R):
+        slots = s0 + tl.arange(0, BLOCK_R)
+        in_k = slots < K
+        sel = tl.load(idx_ptr + f * K + slots, mask=in_k, other=0)
+        dup = tl.zeros([BLOCK_R], dtype=tl.int32)
+        for e0 in range(0, s0 + BLOCK_R, BLOCK_K):
+            earlier = e0 + tl.arange(0, BLOCK_K)
+            prev = tl.load(idx_ptr + f * K + earlier, mask=earlier < K, other=-1)
+            same = (prev[None, :] == sel[:, None]) & (earlier[None, :] < slots[:, None])
+            dup = tl.maximum(dup, tl.max(same.to(tl.int32), axis=1))
+        orphan = in_k & ((sel < 0) | (sel >= N) | (dup > 0))
+        tl.store(dgate_ptr + f * K + slots, tl.zeros([BLOCK_R], dtype=tl.float32), mask=orphan)
+        o_row = (f * K + slots).to(tl.int64)
+        for d0 in range(0, D, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            tl.store(dintra_ptr + o_row[:, None] * D + cols[None, :],
+                     tl.zeros([BLOCK_R, BLOCK_D], dtype=dintra_ptr.dtype.element_ty),
+                     mask=orphan[:, None] & (cols[None, :] < D))
 
 
 @jit
@@ -68,35 +125,37 @@ def _pack_fwd_kernel(
     z_ptr, counts_ptr, cu_ptr, idx_ptr, gate_ptr, intra_ptr, inter_ptr, x_ptr,
     total_tokens, N, D, K, RHO,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     start, exists = _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER)
     out_row = start + rows
-    valid = exists & (out_row < total_tokens)
-    is_z = rows <= N
-    is_inter = valid & (rows > N)
-
+    valid = exists & (out_row >= 0) & (out_row < total_tokens)
+    from_z = valid & (rows <= N)
+    from_inter = valid & (rows > N)
     if HAS_INTRA:
-        has_prompt, slot, g = _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K)
-        has_prompt = has_prompt & is_z & valid
-
+        has_prompt, slot = _slot_of_rows(idx_ptr, f, rows, N, K, BLOCK_K)
+        has_prompt = has_prompt & from_z
+        g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0)
+        p_row = (f * K + slot).to(tl.int64)
     z_row = (f * (N + 1) + tl.minimum(rows, N)).to(tl.int64)
     inter_row = (f * RHO + tl.maximum(rows - N - 1, 0)).to(tl.int64)
+
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols[None, :] < D
-        val = tl.load(z_ptr + z_row[:, None] * D + cols[None, :], mask=(valid & is_z)[:, None] & cmask, other=0.0)
-        val = val.to(tl.float32)
+        val = tl.load(_vec(z_ptr + z_row[:, None] * D + cols[None, :], ALIGNED),
+                      mask=from_z[:, None] & cmask, other=0.0)
         if HAS_INTRA:
-            p_row = (f * K + slot).to(tl.int64)
-            p = tl.load(intra_ptr + p_row[:, None] * D + cols[None, :], mask=has_prompt[:, None] & cmask, other=0.0)
-            val += g[:, None] * p.to(tl.float32)
+            p = tl.load(_vec(intra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
+                        mask=has_prompt[:, None] & cmask, other=0.0)
+            val = (val.to(tl.float32) + g[:, None] * p.to(tl.float32)).to(x_ptr.dtype.element_ty)
         if HAS_INTER:
-            t = tl.load(inter_ptr + inter_row[:, None] * D + cols[None, :], mask=is_inter[:, None] & cmask, other=0.0)
-            val = tl.where(is_inter[:, None], t.to(tl.float32), val)
-        tl.store(x_ptr + out_row[:, None] * D + cols[None, :], val.to(x_ptr.dtype.element_ty), mask=valid[:, None] & cmask)
+            t = tl.load(_vec(inter_ptr + inter_row[:, None] * D + cols[None, :], ALIGNED),
+                        mask=from_inter[:, None] & cmask, other=0.0)
+            val = tl.where(from_inter[:, None], t, val)
+        tl.store(_vec(x_ptr + out_row[:, None] * D + cols[None, :], ALIGNED), val, mask=valid[:, None] & cmask)
 
 
 @jit
@@ -105,49 +164,66 @@ def _pack_bwd_kernel(
     dz_ptr, dgate_ptr, dintra_ptr, dinter_ptr,
     total_tokens, N, D, K, RHO,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     start, exists = _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER)
     in_row = start + rows
-    readable = exists & (in_row < total_tokens)
-    is_z = rows <= N
-    is_inter = (rows > N) & (rows < N + 1 + RHO)
-
+    readable = exists & (in_row >= 0) & (in_row < total_tokens)
+    to_z = rows <= N
+    to_inter = (rows > N) & (rows < N + 1 + RHO)
     if HAS_INTRA:
-        has_prompt, slot, g = _slot_of_rows(idx_ptr, gate_ptr, f, rows, K, BLOCK_K)
-        has_prompt = has_prompt & is_z
-        g_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
+        has_prompt, slot = _slot_of_rows(idx_ptr, f, rows, N, K, BLOCK_K)
+        has_prompt = has_prompt & to_z
+        g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0)
         p_row = (f * K + slot).to(tl.int64)
-
+        g_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
     z_row = (f * (N + 1) + tl.minimum(rows, N)).to(tl.int64)
     inter_row = (f * RHO + tl.maximum(rows - N - 1, 0)).to(tl.int64)
+
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols[None, :] < D
-        dx = tl.load(dx_ptr + in_row[:, None] * D + cols[None, :], mask=readable[:, None] & cmask, other=0.0)
-        dx = dx.to(tl.float32)
-        tl.store(dz_ptr + z_row[:, None] * D + cols[None, :], dx.to(dz_ptr.dtype.element_ty), mask=is_z[:, None] & cmask)
-        if HAS_INTRA:
-            p = tl.load(intra_ptr + p_row[:, None] * D + cols[None, :], mask=has_prompt[:, None] & cmask, other=0.0)
-            g_acc += tl.sum(dx * p.to(tl.float32), axis=1)
-            tl.store(dintra_ptr + p_row[:, None] * D + cols[None, :], (g[:, None] * dx).to(dintra_ptr.dtype.element_ty),
-                     mask=has_prompt[:, None] & cmask)
+        dx = tl.load(_vec(dx_ptr + in_row[:, None] * D + cols[None, :], ALIGNED),
+                     mask=readable[:, None] & cmask, other=0.0)
+        tl.store(_vec(dz_ptr + z_row[:, None] * D + cols[None, :], ALIGNED), dx, mask=to_z[:, None] & cmask)
         if HAS_INTER:
-            tl.store(dinter_ptr + inter_row[:, None] * D + cols[None, :], dx.to(dinter_ptr.dtype.element_ty),
-                     mask=is_inter[:, None] & cmask)
+            tl.store(_vec(dinter_ptr + inter_row[:, None] * D + cols[None, :], ALIGNED), dx,
+                     mask=to_inter[:, None] & cmask)
+        if HAS_INTRA:
+            p = tl.load(_vec(intra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
+                        mask=has_prompt[:, None] & cmask, other=0.0)
+            dx32 = dx.to(tl.float32)
+            g_acc += tl.sum(dx32 * p.to(tl.float32), axis=1)
+            tl.store(_vec(dintra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
+                     (g[:, None] * dx32).to(dintra_ptr.dtype.element_ty), mask=has_prompt[:, None] & cmask)
     if HAS_INTRA:
-        tl.store(dgate_ptr + f * K + slot, g_acc.to(dgate_ptr.dtype.element_ty), mask=has_prompt)
+        tl.store(dgate_ptr + f * K + slot, g_acc, mask=has_prompt)
+        if tl.program_id(1) == 0:
+            _zero_orphan_slots(idx_ptr, dgate_ptr, dintra_ptr, f, N, K, D, BLOCK_R, BLOCK_D, BLOCK_K)
 
 
-def _block_d(d: int, dtype: torch.dtype) -> int:
-    # 16 bytes per thread and row: 128 columns of a 16-bit dtype, 64 of fp32 (128 fp32 columns spill)
-    return min(128 if dtype.itemsize <= 2 else 64, triton.next_power_of_2(d))
+BLOCK_K = 8  # topk indices compared with a row block 8 at a time (k = 6 by default)
 
 
-def _block_k(k: int) -> int:
-    return max(16, triton.next_power_of_2(max(k, 1)))
+def _block_d(dtype: torch.dtype) -> int:
+    # 16 rows x BLOCK_D over 4 warps = two 16-byte vectors per thread: 128 columns of a 16-bit dtype,
+    # 64 of fp32. D is a runtime argument (a constexpr D lets the compiler unroll the column loop and
+    # hoist its loads: 250+ registers), so one compiled kernel serves every width.
+    return 128 if dtype.itemsize <= 2 else 64
+
+
+def _row_aligned(width: int, *dtypes: torch.dtype) -> bool:
+    return all(width * dt.itemsize % ALIGN_BYTES == 0 for dt in dtypes)
+
+
+def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``t`` itself, or a fresh (aligned) copy of a view that starts off a 16-byte boundary: the
+    kernels' vector accesses rely on aligned bases. Fresh allocations always are."""
+    if t is None or t.data_ptr() % ALIGN_BYTES == 0:
+        return t
+    return t.clone()
 
 
 def _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter) -> torch.Tensor:
@@ -156,16 +232,18 @@ def _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, 
     k = topk_idx.shape[1] if topk_idx is not None else 0
     rho = inter.shape[1] if inter is not None else 0
     x = torch.empty(total_tokens, width, dtype=z.dtype, device=z.device)
-    if total_tokens == 0 or frames == 0:
+    if total_tokens == 0 or frames == 0 or width == 0:
         return x
+    z, intra, inter = _aligned(z), _aligned(intra), _aligned(inter)
     dummy = z  # never dereferenced when the matching constexpr flag is off
-    grid = (frames, triton.cdiv(n + 1 + rho, BLOCK_R))
+    grid = (frames, triton.cdiv(length + rho, BLOCK_R))
     _pack_fwd_kernel[grid](
         z, counts, cu_seqlens,
         topk_idx if k else dummy, gate if k else dummy, intra if k else dummy, inter if rho else dummy,
         x, total_tokens, n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
-        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(width, z.dtype), BLOCK_K=_block_k(k), num_warps=NUM_WARPS,
+        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
+        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), num_warps=NUM_WARPS,
     )
     return x
 
@@ -175,21 +253,24 @@ def _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
     n = length - 1
     k = topk_idx.shape[1] if topk_idx is not None else 0
     rho = inter.shape[1] if inter is not None else 0
+    # every element of these is written by the kernel exactly once
     dz = torch.empty_like(z)
-    dgate = torch.zeros_like(gate) if k else z.new_empty(0)
-    dintra = torch.zeros_like(intra) if k else z.new_empty(0)  # zeros: unselected-by-bad-index slots
+    dgate = torch.empty_like(gate) if k else z.new_empty(0)
+    dintra = torch.empty_like(intra) if k else z.new_empty(0)
     dinter = torch.empty_like(inter) if rho else z.new_empty(0)
-    if frames == 0:
-        return dz, dgate, dintra, dinter
+    if frames == 0 or width == 0:
+        return dz, dgate.zero_(), dintra, dinter
+    dx, intra = _aligned(dx.contiguous()), _aligned(intra)
     dummy = z
-    grid = (frames, triton.cdiv(n + 1 + rho, BLOCK_R))
+    grid = (frames, triton.cdiv(length + rho, BLOCK_R))
     _pack_bwd_kernel[grid](
-        dx.contiguous(), counts, cu_seqlens,
+        dx, counts, cu_seqlens,
         topk_idx if k else dummy, gate if k else dummy, intra if k else dummy,
         dz, dgate if k else dummy, dintra if k else dummy, dinter if rho else dummy,
         dx.shape[0], n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
-        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(width, dx.dtype), BLOCK_K=_block_k(k), num_warps=NUM_WARPS,
+        BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
+        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), num_warps=NUM_WARPS,
     )
     return dz, dgate, dintra, dinter
 
@@ -204,13 +285,17 @@ def pack_sequences_reference(
     gate: Optional[torch.Tensor] = None,
     intra: Optional[torch.Tensor] = None,
     inter: Optional[torch.Tensor] = None,
+    *,
+    check_inputs: bool = True,
 ) -> torch.Tensor:
     """The same function in plain PyTorch, differentiable by autograd (float64 included): what runs
-    where Triton cannot, and the tests' ground truth."""
+    where Triton cannot, and the tests' ground truth. Same signature as :func:`pack_sequences`."""
+    if check_inputs:
+        _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter, True)
     frames, length, width = z.shape
     e = z[:, 1:]
     if topk_idx is not None:
-        acc = torch.promote_types(z.dtype, torch.float32)
+        acc = torch.promote_types(z.dtype, torch.float32)  # fp32, or fp64 for float64 ground truth
         overlay = torch.zeros(frames, length - 1, width, dtype=acc, device=z.device)
         overlay = overlay.scatter(1, topk_idx[..., None].expand(-1, -1, width), gate[..., None].to(acc) * intra.to(acc))
         e = (e.to(acc) + overlay).to(z.dtype)
@@ -259,7 +344,8 @@ def _(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
 
 def _setup_context(ctx, inputs, output):
     z, counts, cu_seqlens, _, topk_idx, gate, intra, inter = inputs
-    ctx.save_for_backward(z, counts, cu_seqlens, topk_idx, gate, intra, inter)
+    # z itself is not needed by the backward, only its shape and dtype: save a 0-stride stand-in
+    ctx.save_for_backward(z.new_empty(()).expand(z.shape), counts, cu_seqlens, topk_idx, gate, intra, inter)
 
 
 def _backward(ctx, dx):
@@ -280,22 +366,40 @@ _pack_op.register_autograd(_backward, setup_context=_setup_context)
 def cu_seqlens_from_counts(
     counts: torch.Tensor, tokens_per_frame: int, max_count: Optional[int] = None
 ) -> Tuple[torch.Tensor, int, int]:
-    """``cu_seqlens`` (int32, on the counts' device) for frames of ``tokens_per_frame + counts[f]`` tokens.
+    """``cu_seqlens`` for frames of ``tokens_per_frame + counts[f]`` tokens.
 
-    Returns ``(cu_seqlens, total_tokens, max_seqlen)``. The two host numbers come over in ONE transfer,
-    the single host synchronisation of a fast-path step. ``max_count`` gives a static ``max_seqlen``.
+    Args:
+        counts: (F,) integer tensor n_f, on the compute device.
+        tokens_per_frame: 1 + N, the tokens every frame has before its inter-frame prompts.
+        max_count: a static bound on ``counts`` (rho); when given, ``max_seqlen`` is
+            ``tokens_per_frame + max_count`` instead of the batch's actual longest sequence.
+    Returns:
+        ``(cu_seqlens, total_tokens, max_seqlen)``: int32 (F+1,) on the counts' device with
+        ``cu[0] = 0``; the packed token count and the longest sequence as Python ints.
+
+    Host synchronisation: the two numbers (total tokens, longest count) come over in ONE transfer of a
+    2-element tensor; this is the single host sync of a fast-path step (the size of the packed buffer
+    depends on counts that live on the device).
     """
-    if counts.dim() != 1 or counts.dtype.is_floating_point or counts.dtype == torch.bool:
-        raise ValueError(f"counts must be a 1-D integer tensor, got {counts.dtype} of shape {tuple(counts.shape)}")
+    if not isinstance(counts, torch.Tensor) or counts.dim() != 1 or counts.dtype.is_floating_point \
+            or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise ValueError(f"counts must be a 1-D integer tensor, got {getattr(counts, 'dtype', type(counts))} "
+                         f"of shape {tuple(getattr(counts, 'shape', ()))}")
+    if not isinstance(tokens_per_frame, int) or tokens_per_frame < 1:
+        raise ValueError(f"tokens_per_frame must be a positive int (1 + N), got {tokens_per_frame!r}")
+    if max_count is not None and (not isinstance(max_count, int) or max_count < 0):
+        raise ValueError(f"max_count must be a non-negative int, got {max_count!r}")
     lengths = counts.to(torch.int64) + tokens_per_frame
     cu = torch.zeros(counts.numel() + 1, dtype=torch.int64, device=counts.device)
     torch.cumsum(lengths, 0, out=cu[1:])
-    longest = counts.max().to(torch.int64) if counts.numel() else torch.zeros((), dtype=torch.int64, device=counts.device)
-    total, top = torch.stack([cu[-1], longest]).tolist()
+    longest = counts.max().to(torch.int64) if counts.numel() else cu[0]
+    total, top = torch.stack([cu[-1], longest]).tolist()  # the one host sync
     # Under torch.compile (capture_scalar_outputs) these are unbacked SymInts: tell the compiler they
     # are sizes, so shape arithmetic on them needs no guard.
     torch._check(total >= 0)
     torch._check(top >= 0)
+    if max_count is not None and isinstance(top, int) and top > max_count:
+        raise ValueError(f"max_count = {max_count} is below the largest count {top}")
     max_seqlen = tokens_per_frame + (max_count if max_count is not None else top)
     return cu.to(torch.int32), total, max_seqlen
 
@@ -315,56 +419,98 @@ def pack_sequences(
     """Write ``[Z_t[0] ; E~_t ; G_t[:n_t]]`` of every frame into one packed ``(total_tokens, D)`` tensor.
 
     Args:
-        z: (F, N+1, D) float tokens ``[CLS; E]`` with positional embeddings.
-        counts: (F,) int32 inter-frame token counts n_t (0 when ``inter`` is None).
+        z: (F, N+1, D) float tokens ``[CLS; E]`` with positional embeddings; sets the output dtype.
+        counts: (F,) integer inter-frame token counts n_t in 0..rho (all 0 when ``inter`` is None).
         cu_seqlens: (F+1,) int32 sequence starts, from :func:`cu_seqlens_from_counts`.
         total_tokens: ``cu_seqlens[-1]`` as a Python int.
-        topk_idx, gate, intra: (F, k) int64 selected patches, (F, k) float gates, (F, k, D) prompts for
-            those patches; all None when intra-frame prompts are off.
-        inter: (F, rho, D) inter-frame prompt tokens; None when inter-frame prompts are off.
-        check_inputs: also validate index and count values (costs a host sync); shapes, dtypes and
-            devices are always checked.
-    Differentiable w.r.t. z, gate, intra and inter.
+        topk_idx, gate, intra: (F, k) int64 distinct patch indices in 0..N-1, (F, k) float gates,
+            (F, k, D) float prompts for those patches; all None when intra-frame prompts are off.
+        inter: (F, rho, D) float inter-frame prompt tokens; None when inter-frame prompts are off.
+        check_inputs: also validate values (index ranges and repeats, counts, cu_seqlens against
+            counts and total_tokens), which costs host syncs. Shapes, dtypes, devices and contiguity
+            are always checked. With False, bad values give a wrong result but never an
+            out-of-bounds access.
+    Returns:
+        (total_tokens, D) in z's dtype. Differentiable w.r.t. z, gate, intra and inter.
     """
     _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter, check_inputs)
     if z.dtype == torch.float64 or not use_triton(z):
-        return pack_sequences_reference(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
+        return pack_sequences_reference(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter,
+                                        check_inputs=False)
+    # The kernels take gates in fp32, prompts in z's dtype or fp32 and temporal tokens in z's dtype,
+    # so a few compiled variants cover every dtype mix. These casts are exact where the semantics
+    # round anyway (the overlay is computed in fp32; inter is cast to z's dtype), and autograd casts
+    # the gradients back to each input's dtype.
+    counts = counts.to(torch.int32)
+    if gate is not None:
+        gate = gate.to(torch.float32)
+        if intra.dtype != z.dtype:
+            intra = intra.to(torch.float32)
+    if inter is not None:
+        inter = inter.to(z.dtype)
     return _pack_op(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
 
 
+def gather_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, *, check_inputs: bool = True) -> torch.Tensor:
+    """The first row of every packed sequence, ``x[cu_seqlens[:-1]]`` (the CLS tokens): (F, D).
+
+    A plain index_select (differentiable by autograd), no kernel of its own.
+    """
+    if not isinstance(x, torch.Tensor) or x.dim() != 2:
+        raise ValueError(f"x must be a 2-D packed tensor (total_tokens, D), got {getattr(x, 'shape', type(x))}")
+    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 1 \
+            or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be a 1-D int32/int64 tensor of F+1 offsets, got "
+                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
+    if cu_seqlens.device != x.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}, but x is on {x.device}")
+    starts = cu_seqlens[:-1].long()
+    if check_inputs and starts.numel() and (starts.min() < 0 or starts.max() >= x.shape[0]):
+        raise ValueError(f"cu_seqlens[:-1] must index rows of x (0..{x.shape[0] - 1})")
+    return x.index_select(0, starts)
+
+
+def _describe(t) -> str:
+    return f"{t.dtype} {tuple(t.shape)}" if isinstance(t, torch.Tensor) else type(t).__name__
+
+
 def _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter, check_values: bool) -> None:
+    """Every check that needs no host sync, then (``check_values``) those that do; a ValueError
+    naming the argument, before any launch."""
     if not isinstance(z, torch.Tensor) or z.dim() != 3 or not z.is_floating_point():
-        raise ValueError(f"z must be a float tensor (F, N+1, D), got {getattr(z, 'shape', type(z))}")
+        raise ValueError(f"z must be a float tensor (F, N+1, D), got {_describe(z)}")
     frames, length, width = z.shape
     if length < 1:
         raise ValueError("z must hold at least the CLS row (N+1 >= 1)")
     device = z.device
-    if not isinstance(counts, torch.Tensor) or counts.shape != (frames,) or counts.dtype != torch.int32:
-        raise ValueError(f"counts must be an int32 tensor of shape ({frames},), got "
-                         f"{getattr(counts, 'dtype', type(counts))} {tuple(getattr(counts, 'shape', ()))}")
+    if not isinstance(counts, torch.Tensor) or counts.shape != (frames,) or counts.dtype.is_floating_point \
+            or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise ValueError(f"counts must be an integer tensor of shape ({frames},), got {_describe(counts)}")
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.shape != (frames + 1,) or cu_seqlens.dtype != torch.int32:
-        raise ValueError(f"cu_seqlens must be an int32 tensor of shape ({frames + 1},), got "
-                         f"{getattr(cu_seqlens, 'dtype', type(cu_seqlens))} {tuple(getattr(cu_seqlens, 'shape', ()))}")
-    if not isinstance(total_tokens, (int, torch.SymInt)) or total_tokens < 0:
+        raise ValueError(f"cu_seqlens must be an int32 tensor of shape ({frames + 1},), got {_describe(cu_seqlens)}")
+    if isinstance(total_tokens, bool) or not isinstance(total_tokens, (int, torch.SymInt)) or total_tokens < 0:
         raise ValueError(f"total_tokens must be a non-negative int, got {total_tokens!r}")
     given = [t is not None for t in (topk_idx, gate, intra)]
     if any(given) and not all(given):
-        raise ValueError("topk_idx, gate and intra must be given together (or all None)")
+        missing = [name for name, g in zip(("topk_idx", "gate", "intra"), given) if not g]
+        raise ValueError(f"topk_idx, gate and intra must be given together (or all None); missing {', '.join(missing)}")
     tensors = {"z": z, "counts": counts, "cu_seqlens": cu_seqlens}
     if topk_idx is not None:
-        if topk_idx.dim() != 2 or topk_idx.shape[0] != frames or topk_idx.dtype != torch.int64:
-            raise ValueError(f"topk_idx must be int64 of shape ({frames}, k), got {topk_idx.dtype} {tuple(topk_idx.shape)}")
+        if not isinstance(topk_idx, torch.Tensor) or topk_idx.dim() != 2 or topk_idx.shape[0] != frames \
+                or topk_idx.dtype != torch.int64:
+            raise ValueError(f"topk_idx must be int64 of shape ({frames}, k), got {_describe(topk_idx)}")
         k = topk_idx.shape[1]
         if k > length - 1:
             raise ValueError(f"topk_idx selects k = {k} patches but z has N = {length - 1}")
-        if gate.shape != (frames, k) or not gate.is_floating_point():
-            raise ValueError(f"gate must be a float tensor of shape ({frames}, {k}), got {gate.dtype} {tuple(gate.shape)}")
-        if intra.shape != (frames, k, width) or not intra.is_floating_point():
-            raise ValueError(f"intra must be a float tensor of shape ({frames}, {k}, {width}), got {intra.dtype} {tuple(intra.shape)}")
+        if not isinstance(gate, torch.Tensor) or gate.shape != (frames, k) or not gate.is_floating_point():
+            raise ValueError(f"gate must be a float tensor of shape ({frames}, {k}), got {_describe(gate)}")
+        if not isinstance(intra, torch.Tensor) or intra.shape != (frames, k, width) or not intra.is_floating_point():
+            raise ValueError(f"intra must be a float tensor of shape ({frames}, {k}, {width}), got {_describe(intra)}")
         tensors.update(topk_idx=topk_idx, gate=gate, intra=intra)
     if inter is not None:
-        if inter.dim() != 3 or inter.shape[0] != frames or inter.shape[2] != width or not inter.is_floating_point():
-            raise ValueError(f"inter must be a float tensor of shape ({frames}, rho, {width}), got {inter.dtype} {tuple(inter.shape)}")
+        if not isinstance(inter, torch.Tensor) or inter.dim() != 3 or inter.shape[0] != frames \
+                or inter.shape[2] != width or not inter.is_floating_point():
+            raise ValueError(f"inter must be a float tensor of shape ({frames}, rho, {width}), got {_describe(inter)}")
         tensors.update(inter=inter)
     for name, t in tensors.items():
         if t.device != device:
@@ -375,7 +521,7 @@ def _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter,
         return
     rho = inter.shape[1] if inter is not None else 0
     if frames and (counts.min() < 0 or counts.max() > rho):
-        raise ValueError(f"counts must lie in 0..{rho} (rho{'' if inter is not None else ', inter is None'})")
+        raise ValueError(f"counts must lie in 0..{rho} ({'rho' if inter is not None else 'inter is None'})")
     if topk_idx is not None and topk_idx.numel():
         if topk_idx.min() < 0 or topk_idx.max() >= length - 1:
             raise ValueError(f"topk_idx values must lie in 0..{length - 2}")
@@ -391,30 +537,30 @@ def _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter,
 
 # --------------------------------------------------------------------------- shipped configurations
 def compile_cases() -> List[CompileCase]:
-    """Every configuration the fast path launches: widths of stop-tiny, ViT-B and ViT-L, each dtype,
-    each on/off combination of the two prompt kinds."""
-    cases = []
+    """Every configuration the kernels launch with. The width D is a runtime argument, so ViT-B (768),
+    ViT-L (1024) and stop-tiny (128) share the ALIGNED=True kernels; ALIGNED=False serves widths whose
+    rows are not a multiple of 16 bytes. For each token dtype: prompts in the token dtype or fp32,
+    each on/off combination of the two prompt kinds, forward and backward."""
     types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    for width in (128, 768, 1024):
-        for dtype, t in types.items():
-            for has_intra in (True, False):
-                for has_inter in (True, False):
-                    common = dict(HAS_INTRA=has_intra, HAS_INTER=has_inter, BLOCK_R=BLOCK_R,
-                                  BLOCK_D=_block_d(width, dtype), BLOCK_K=16)
-                    tag = f"d{width}_{t}_intra{int(has_intra)}_inter{int(has_inter)}"
-                    fwd_sig = {
-                        "z_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
-                        "gate_ptr": "*fp32", "intra_ptr": f"*{t}", "inter_ptr": f"*{t}", "x_ptr": f"*{t}",
-                        "total_tokens": "i32", "N": "i32", "D": "i32", "K": "i32", "RHO": "i32",
-                        **{name: "constexpr" for name in common},
-                    }
-                    cases.append(CompileCase(f"pack_fwd_{tag}", _pack_fwd_kernel, fwd_sig, common, num_warps=NUM_WARPS))
-                    bwd_sig = {
-                        "dx_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
-                        "gate_ptr": "*fp32", "intra_ptr": f"*{t}", "dz_ptr": f"*{t}", "dgate_ptr": "*fp32",
-                        "dintra_ptr": f"*{t}", "dinter_ptr": f"*{t}",
-                        "total_tokens": "i32", "N": "i32", "D": "i32", "K": "i32", "RHO": "i32",
-                        **{name: "constexpr" for name in common},
-                    }
-                    cases.append(CompileCase(f"pack_bwd_{tag}", _pack_bwd_kernel, bwd_sig, common, num_warps=NUM_WARPS))
+    cases = []
+    for dtype, t in types.items():
+        variants = [(True, True, dtype), (True, False, dtype), (False, True, None), (False, False, None)]
+        if dtype != torch.float32:
+            variants += [(True, True, torch.float32), (True, False, torch.float32)]
+        for has_intra, has_inter, intra_dtype in variants:
+            for aligned in (True, False):
+                p = types[intra_dtype] if intra_dtype is not None else t
+                constexprs = dict(HAS_INTRA=has_intra, HAS_INTER=has_inter, BLOCK_R=BLOCK_R,
+                                  BLOCK_D=_block_d(dtype), BLOCK_K=BLOCK_K, ALIGNED=aligned)
+                cexpr = {name: "constexpr" for name in constexprs}
+                ints = {"total_tokens": "i32", "N": "i32", "D": "i32", "K": "i32", "RHO": "i32"}
+                tag = f"{t}_intra{p if has_intra else 0}_inter{int(has_inter)}_{'aligned' if aligned else 'any'}"
+                fwd = {"z_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
+                       "gate_ptr": "*fp32", "intra_ptr": f"*{p}", "inter_ptr": f"*{t}", "x_ptr": f"*{t}",
+                       **ints, **cexpr}
+                bwd = {"dx_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
+                       "gate_ptr": "*fp32", "intra_ptr": f"*{p}", "dz_ptr": f"*{t}", "dgate_ptr": "*fp32",
+                       "dintra_ptr": f"*{p}", "dinter_ptr": f"*{t}", **ints, **cexpr}
+                cases.append(CompileCase(f"pack_fwd_{tag}", _pack_fwd_kernel, fwd, constexprs, num_warps=NUM_WARPS))
+                cases.append(CompileCase(f"pack_bwd_{tag}", _pack_bwd_kernel, bwd, constexprs, num_warps=NUM_WARPS))
     return cases

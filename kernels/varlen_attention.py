@@ -17,12 +17,25 @@ Backward: ``delta_i = <dO_i, O_i>`` (a small row-reduction kernel), then two ker
 ViT sequences are short (50 to ~270 tokens), so one or a few blocks cover a sequence and the
 recomputation is cheap next to the atomics or extra memory that sharing it would cost.
 
-Programs of query blocks past a sequence's end return at once; empty sequences launch nothing that
-reads or writes. Inputs need only a contiguous last dimension (strided views of a fused QKV
-projection work without copies).
+Block sizes: each kernel is autotuned over a small set of (BLOCK_M, BLOCK_N, warps, stages) per dtype
+and head dim (``_gpu_candidates``), keyed on max_seqlen rounded up to a power of two. Every candidate
+compiles for sm_90 without spills (``compile_cases`` lists them all for CI). One spills on sm_80: the
+16-bit dK dV kernel at 64 x 64, head dim 64 (255 registers + 88 bytes); it is the natural tile for
+ViT-B/32 frames on the H100, and on an A100 the autotuner weighs it against three spill-free
+alternatives. Under Triton's interpreter, which runs programs one after another and ignores
+registers, the set collapses to one 64 x 64 config (the fewest programs), so nothing is benchmarked.
+
+Robustness: programs of query blocks past a sequence's end return at once, and empty sequences read
+and write nothing. Each program clamps its sequence's bounds into ``[0, total_tokens]``, so even
+``cu_seqlens`` that were not checked (``check_inputs=False``) never send a kernel outside the tensors
+(a bound past the end is read as total_tokens). A ``max_seqlen`` below the longest sequence (likewise
+refused only when checked) leaves that sequence's later query rows unwritten.
+Inputs need only a contiguous last dimension (strided views of a fused QKV projection work without
+copies); outputs and gradients are contiguous.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import List, Optional, Tuple
 
@@ -39,32 +52,37 @@ DELTA_ROWS = 64  # (token, head) rows per program of the backward's delta pass
 
 
 @jit
-def _sequence_bases(cu_ptr, seq, head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads):
+def _sequence_bases(cu_ptr, seq, head, total, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads):
     """Where sequence ``seq`` starts, its length, and this head's base pointers into q, k, v.
 
-    The 64-bit bases are scalars per program; tile offsets from them stay 32-bit (sequences are
-    short), which saves a register per element. ``row0`` is the offset of the sequence's first
-    (token, head) row in the contiguous (total, heads) layouts of out, lse, delta and the gradients.
+    The bounds are clamped into [0, total] so that unchecked cu_seqlens cannot send a program outside
+    the tensors. The 64-bit bases are scalars per program; tile offsets from them stay 32-bit
+    (sequences are short), which saves a register per element. ``row0`` is the offset of the
+    sequence's first (token, head) row in the contiguous (total, heads) layouts of out, lse, delta
+    and the gradients.
     """
-    start = tl.load(cu_ptr + seq)
-    length = tl.load(cu_ptr + seq + 1) - start
+    start = tl.minimum(tl.maximum(tl.load(cu_ptr + seq), 0), total)
+    end = tl.minimum(tl.maximum(tl.load(cu_ptr + seq + 1), start), total)
+    length = end - start
     start = start.to(tl.int64)
     row0 = start * num_heads + head
     return (length, row0, q_ptr + start * sq_t + head * sq_h, k_ptr + start * sk_t + head * sk_h,
             v_ptr + start * sv_t + head * sv_h)
 
 
+# Kernel arguments shared by the attention kernels: ``total`` (tokens) bounds the clamping above;
+# ``seq_bucket`` (max_seqlen rounded up to a power of two) is read only by the autotuner, as its key.
 @jit
 def _attn_fwd_kernel(
     q_ptr, k_ptr, v_ptr, o_ptr, lse_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
-    num_heads, scale_log2,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    num_heads, total, seq_bucket, scale_log2,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(2)
     length, row0, q_ptr, k_ptr, v_ptr = _sequence_bases(
-        cu_ptr, tl.program_id(1), head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
+        cu_ptr, tl.program_id(1), head, total, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
     if pid_m * BLOCK_M >= length:
         return
     o_ptr += row0 * HEAD_DIM
@@ -82,14 +100,15 @@ def _attn_fwd_kernel(
         key = n0 + cols
         key_ok = key < length
         k = tl.load(k_ptr + key[None, :] * sk_t + dims[:, None], mask=key_ok[None, :], other=0.0)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
+        # fp32 inputs get IEEE fp32 dots: tf32 would lose to PyTorch's fp32 attention; 16-bit ignores it
+        s = tl.dot(q, k, input_precision="ieee") * scale_log2  # (BLOCK_M, BLOCK_N), log2 units
         s = tl.where(key_ok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_new = tl.maximum(m, tl.max(s, axis=1))  # finite: every block holds at least one real key
         p = tl.exp2(s - m_new[:, None])
         alpha = tl.exp2(m - m_new)
         l = l * alpha + tl.sum(p, axis=1)
         v = tl.load(v_ptr + key[:, None] * sv_t + dims[None, :], mask=key_ok[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         m = m_new
     out = acc / l[:, None]
     tl.store(o_ptr + rows[:, None] * (num_heads * HEAD_DIM) + dims[None, :], out.to(o_ptr.dtype.element_ty),
@@ -114,13 +133,13 @@ def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, rows_total, HEAD_DIM: tl.co
 def _attn_bwd_dkdv_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
-    num_heads, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    num_heads, total, seq_bucket, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     head = tl.program_id(2)
     length, row0, q_ptr, k_ptr, v_ptr = _sequence_bases(
-        cu_ptr, tl.program_id(1), head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
+        cu_ptr, tl.program_id(1), head, total, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
     if pid_n * BLOCK_N >= length:
         return
     do_ptr += row0 * HEAD_DIM
@@ -143,13 +162,13 @@ def _attn_bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + rows * num_heads, mask=row_ok, other=0.0)
         delta = tl.load(delta_ptr + rows * num_heads, mask=row_ok, other=0.0)
         # P^T (BLOCK_N, BLOCK_M): keys along rows so both accumulations are plain dots
-        st = tl.dot(k, tl.trans(q), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        st = tl.dot(k, tl.trans(q), input_precision="ieee") * (scale * 1.4426950408889634)
         pt = tl.exp2(st - lse[None, :])
         pt = tl.where(row_ok[None, :] & key_ok[:, None], pt, 0.0)
-        dv += tl.dot(pt.to(do.dtype), do, input_precision=PRECISION)
-        dpt = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (dO V^T)^T
+        dv += tl.dot(pt.to(do.dtype), do, input_precision="ieee")
+        dpt = tl.dot(v, tl.trans(do), input_precision="ieee")  # (dO V^T)^T
         dst = pt * (dpt - delta[None, :])
-        dk += tl.dot(dst.to(q.dtype), q, input_precision=PRECISION)
+        dk += tl.dot(dst.to(q.dtype), q, input_precision="ieee")
     out = keys[:, None] * (num_heads * HEAD_DIM) + dims[None, :]
     tl.store(dk_ptr + out, (dk * scale).to(dk_ptr.dtype.element_ty), mask=key_ok[:, None])
     tl.store(dv_ptr + out, dv.to(dv_ptr.dtype.element_ty), mask=key_ok[:, None])
@@ -159,13 +178,13 @@ def _attn_bwd_dkdv_kernel(
 def _attn_bwd_dq_kernel(
     q_ptr, k_ptr, v_ptr, do_ptr, lse_ptr, delta_ptr, dq_ptr, cu_ptr,
     sq_t, sq_h, sk_t, sk_h, sv_t, sv_h,
-    num_heads, scale,
-    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    num_heads, total, seq_bucket, scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     head = tl.program_id(2)
     length, row0, q_ptr, k_ptr, v_ptr = _sequence_bases(
-        cu_ptr, tl.program_id(1), head, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
+        cu_ptr, tl.program_id(1), head, total, q_ptr, k_ptr, v_ptr, sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, num_heads)
     if pid_m * BLOCK_M >= length:
         return
     do_ptr += row0 * HEAD_DIM
@@ -185,39 +204,60 @@ def _attn_bwd_dq_kernel(
         key_ok = keys < length
         k = tl.load(k_ptr + keys[:, None] * sk_t + dims[None, :], mask=key_ok[:, None], other=0.0)
         v = tl.load(v_ptr + keys[:, None] * sv_t + dims[None, :], mask=key_ok[:, None], other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * (scale * 1.4426950408889634)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * (scale * 1.4426950408889634)
         p = tl.exp2(s - lse[:, None])
         p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+        dp = tl.dot(do, tl.trans(v), input_precision="ieee")
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq += tl.dot(ds.to(k.dtype), k, input_precision="ieee")
     tl.store(dq_ptr + rows[:, None] * (num_heads * HEAD_DIM) + dims[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=row_ok[:, None])
 
 
+_KERNELS = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel}
+
+
 # --------------------------------------------------------------------------- launch configuration
-def _config(head_dim: int, dtype: torch.dtype) -> Tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages), chosen from ptxas reports for sm_90 (no spills).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) the autotuner picks from, by kernel, input dtype and head dim.
+# Chosen from ptxas reports: every entry compiles for sm_90 without spills (CI checks it), and all but
+# one for sm_80 too (see compile_cases). 16-bit inputs: 64 x 64 tiles cover a ViT-B/32 frame (50-62
+# tokens) in one step; 32-row tiles give twice the programs; 128-row tiles halve the K/V reloads for
+# ViT-L/14 frames (~260 tokens); head dim 128 needs smaller tiles to stay in registers. fp32 inputs
+# are the accuracy path (tests, float32 users): IEEE fp32 dots on CUDA cores, small tiles.
+_CANDIDATES_16BIT = {
+    # (kernel, head_dim <= 64) -> configs
+    ("fwd", True): [(64, 64, 4, 2), (64, 64, 8, 2), (32, 64, 4, 2), (128, 64, 8, 2)],
+    ("fwd", False): [(32, 32, 4, 2), (64, 32, 4, 2), (64, 64, 8, 2), (128, 32, 8, 2)],
+    # the one sm_80 spill: dK dV at 64 x 64, 88 bytes; kept for sm_90, where it has none
+    ("bwd_dkdv", True): [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (32, 32, 4, 2)],
+    ("bwd_dkdv", False): [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (64, 32, 4, 2)],
+    ("bwd_dq", True): [(64, 64, 8, 2), (32, 64, 8, 2), (64, 32, 8, 2), (128, 64, 8, 2)],
+    ("bwd_dq", False): [(32, 32, 4, 2), (32, 64, 8, 2), (64, 32, 8, 2), (64, 64, 8, 2)],
+}
+_INTERPRETER_CONFIG = (64, 64, 4, 1)
 
-    16-bit inputs: 64 x 64 blocks over 8 warps cover a ViT-B/32 frame (50-62 tokens) in one step
-    (162 / 208 / 139 registers for forward / dK dV / dQ at head dim 64); head dim 128 takes 32 x 32.
-    fp32 inputs are the accuracy path (tests, float32 users): IEEE fp32 dots on 16 x 16 blocks.
-    Triton's interpreter runs programs one after another and ignores registers, so there every dtype
-    takes 64 x 64 blocks (the fewest programs); the block loops are the same code either way.
-    """
-    if interpreter_enabled():
-        return 64, 64, 4, 1
+
+def _gpu_candidates(kernel: str, dtype: torch.dtype, head_dim: int) -> List[Tuple[int, int, int, int]]:
+    """The configs ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") is autotuned over on a GPU."""
     if dtype == torch.float32:
-        return 16, 16, 4, 2
-    if head_dim == 128:
-        return 32, 32, 4, 2
-    return 64, 64, 8, 2
+        # 32 x 32 tiles: head dim 128 needs 8 warps to hold the fp32 operands; below, 4 warps without
+        # pipelining (ptxas spilled 16 bytes of dQ at head dim 32 with two stages)
+        return [(16, 16, 4, 2), (32, 32, 4, 1) if head_dim <= 64 else (32, 32, 8, 2)]
+    return list(_CANDIDATES_16BIT[(kernel, head_dim <= 64)])
 
 
-def _precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get IEEE fp32 dots (tf32 would lose precision against PyTorch's fp32 attention);
-    # 16-bit inputs ignore this setting
-    return "ieee"
+@functools.lru_cache(maxsize=None)
+def _tuned(kernel: str, dtype: torch.dtype, head_dim: int):
+    """``kernel`` wrapped in triton.autotune over its candidates (one config: no benchmarking)."""
+    candidates = [_INTERPRETER_CONFIG] if interpreter_enabled() else _gpu_candidates(kernel, dtype, head_dim)
+    configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+               for bm, bn, w, s in candidates]
+    # every output element is overwritten by each trial run, so trials need no reset between them
+    return triton.autotune(configs=configs, key=["seq_bucket"])(_KERNELS[kernel])
+
+
+def _seq_bucket(max_seqlen: int) -> int:
+    return triton.next_power_of_2(max(int(max_seqlen), 1))
 
 
 def _strides(t: torch.Tensor) -> Tuple[int, int]:
@@ -231,13 +271,10 @@ def _launch_forward(q, k, v, cu_seqlens, max_seqlen, scale):
     num_seqs = cu_seqlens.numel() - 1
     if total == 0 or num_seqs == 0 or max_seqlen == 0:
         return out, lse
-    block_m, block_n, warps, stages = _config(head_dim, q.dtype)
-    grid = (triton.cdiv(max_seqlen, block_m), num_seqs, heads)
-    _attn_fwd_kernel[grid](
+    grid = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), num_seqs, heads)  # noqa: E731
+    _tuned("fwd", q.dtype, head_dim)[grid](
         q, k, v, out, lse, cu_seqlens, *_strides(q), *_strides(k), *_strides(v),
-        heads, scale * LOG2E,
-        HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-        num_warps=warps, num_stages=stages,
+        heads, total, _seq_bucket(max_seqlen), scale * LOG2E, HEAD_DIM=head_dim,
     )
     return out, lse
 
@@ -254,16 +291,12 @@ def _launch_backward(do, q, k, v, out, lse, cu_seqlens, max_seqlen, scale):
     delta = torch.empty(total, heads, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(total * heads, DELTA_ROWS),)](
         out, do, delta, total * heads, HEAD_DIM=head_dim, BLOCK_T=DELTA_ROWS, num_warps=4)
-    block_m, block_n, warps, stages = _config(head_dim, q.dtype)
-    common = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n, PRECISION=_precision(q.dtype),
-                  num_warps=warps, num_stages=stages)
-    strides = (*_strides(q), *_strides(k), *_strides(v))
-    _attn_bwd_dkdv_kernel[(triton.cdiv(max_seqlen, block_n), num_seqs, heads)](
-        q, k, v, do, lse, delta, dk, dv, cu_seqlens, *strides, heads, scale, **common)
-    _attn_bwd_dq_kernel[(triton.cdiv(max_seqlen, block_m), num_seqs, heads)](
-        q, k, v, do, lse, delta, dq, cu_seqlens, *strides, heads, scale, **common)
+    args = (cu_seqlens, *_strides(q), *_strides(k), *_strides(v), heads, total, _seq_bucket(max_seqlen), scale)
+    grid_n = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), num_seqs, heads)  # noqa: E731
+    _tuned("bwd_dkdv", q.dtype, head_dim)[grid_n](q, k, v, do, lse, delta, dk, dv, *args, HEAD_DIM=head_dim)
+    grid_m = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_M"]), num_seqs, heads)  # noqa: E731
+    _tuned("bwd_dq", q.dtype, head_dim)[grid_m](q, k, v, do, lse, delta, dq, *args, HEAD_DIM=head_dim)
     return dq, dk, dv
-
 
 # --------------------------------------------------------------------------- PyTorch semantics
 def _token_positions(cu_seqlens: torch.Tensor, total: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -289,7 +322,7 @@ def _attention_torch(q, k, v, cu_seqlens, max_seqlen: int, scale: float) -> torc
     key_ok = torch.arange(max_seqlen, device=q.device)[None, :] < lengths[:, None]  # (S, L)
     scores = torch.einsum("sihd,sjhd->shij", qp, kp) * scale
     scores = scores.masked_fill(~key_ok[:, None, None, :], float("-inf"))
-    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # rows of padded queries are all -inf
+    probs = scores.softmax(dim=-1).nan_to_num(0.0)  # an empty sequence's rows are all -inf: 0, not NaN
     out = torch.einsum("shij,sjhd->sihd", probs, vp)
     return out[seq, pos].to(q.dtype)
 
@@ -366,8 +399,10 @@ def varlen_attention(
         cu_seqlens: int32 (num_seqs + 1,), from 0, non-decreasing, ending at total_tokens.
         max_seqlen: an upper bound of the longest sequence (sizes the launch grid).
         softmax_scale: default 1 / sqrt(head_dim).
-        check_inputs: also check the values of cu_seqlens and max_seqlen, which costs a host sync.
-            With False the caller promises them; shapes, dtypes and devices are always checked.
+        check_inputs: also check the values of cu_seqlens and max_seqlen, which costs a host sync
+            (and a graph break under torch.compile). With False the caller promises them; shapes,
+            dtypes and devices are always checked, and the kernels never read or write outside the
+            tensors whatever cu_seqlens holds (see the module docstring).
     Returns (total_tokens, heads, head_dim) in q's dtype.
     """
     _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, check_inputs)
@@ -422,27 +457,27 @@ def _validate(q, k, v, cu_seqlens, max_seqlen, softmax_scale, check_values: bool
 
 # --------------------------------------------------------------------------- shipped configurations
 def compile_cases() -> List[CompileCase]:
-    """Forward and both backward kernels for every head dim and dtype."""
+    """Every kernel at every config it can be autotuned to, for every head dim and dtype."""
     cases = []
     types = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
-    strides = {name: "i32" for name in ("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h")}
+    ints = {name: "i32" for name in ("sq_t", "sq_h", "sk_t", "sk_h", "sv_t", "sv_h", "num_heads", "total",
+                                     "seq_bucket")}
+    cexpr = {"HEAD_DIM": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr"}
     for head_dim in HEAD_DIMS:
         for dtype, t in types.items():
-            block_m, block_n, warps, stages = _config(head_dim, dtype)
-            consts = dict(HEAD_DIM=head_dim, BLOCK_M=block_m, BLOCK_N=block_n,
-                          PRECISION=_precision(dtype))
-            cexpr = {name: "constexpr" for name in consts}
             p = f"*{t}"
-            fwd = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "o_ptr": p, "lse_ptr": "*fp32", "cu_ptr": "*i32",
-                   **strides, "num_heads": "i32", "scale_log2": "fp32", **cexpr}
-            dkdv = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                    "dk_ptr": p, "dv_ptr": p, "cu_ptr": "*i32", **strides, "num_heads": "i32", "scale": "fp32", **cexpr}
-            dq = {"q_ptr": p, "k_ptr": p, "v_ptr": p, "do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32",
-                  "dq_ptr": p, "cu_ptr": "*i32", **strides, "num_heads": "i32", "scale": "fp32", **cexpr}
-            for name, kernel, sig in (("fwd", _attn_fwd_kernel, fwd), ("bwd_dkdv", _attn_bwd_dkdv_kernel, dkdv),
-                                      ("bwd_dq", _attn_bwd_dq_kernel, dq)):
-                cases.append(CompileCase(f"attn_{name}_d{head_dim}_{t}", kernel, sig, consts,
-                                         num_warps=warps, num_stages=stages))
+            qkv = {"q_ptr": p, "k_ptr": p, "v_ptr": p}
+            grads = {"do_ptr": p, "lse_ptr": "*fp32", "delta_ptr": "*fp32"}
+            signatures = {
+                "fwd": {**qkv, "o_ptr": p, "lse_ptr": "*fp32", "cu_ptr": "*i32", **ints, "scale_log2": "fp32", **cexpr},
+                "bwd_dkdv": {**qkv, **grads, "dk_ptr": p, "dv_ptr": p, "cu_ptr": "*i32", **ints, "scale": "fp32", **cexpr},
+                "bwd_dq": {**qkv, **grads, "dq_ptr": p, "cu_ptr": "*i32", **ints, "scale": "fp32", **cexpr},
+            }
+            for name, sig in signatures.items():
+                for bm, bn, warps, stages in _gpu_candidates(name, dtype, head_dim):
+                    cases.append(CompileCase(
+                        f"attn_{name}_d{head_dim}_{t}_m{bm}n{bn}w{warps}s{stages}", _KERNELS[name], sig,
+                        dict(HEAD_DIM=head_dim, BLOCK_M=bm, BLOCK_N=bn), num_warps=warps, num_stages=stages))
             delta = {"o_ptr": p, "do_ptr": p, "delta_ptr": "*fp32", "rows_total": "i32",
                      "HEAD_DIM": "constexpr", "BLOCK_T": "constexpr"}
             cases.append(CompileCase(f"attn_bwd_delta_d{head_dim}_{t}", _attn_bwd_delta_kernel, delta,
