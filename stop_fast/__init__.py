@@ -2,19 +2,30 @@
 
 Public API: :class:`STOPConfig`, :class:`STOP`, :func:`load_clip`, :func:`build_stop`; the
 subpackages ``stop_fast.kernels`` (Triton kernels) and ``stop_fast.data`` (video decoding).
+Names are imported on first use (PEP 562), so the command line starts without importing torch.
 """
-from .backbone import WeightsError, load_clip
-from .config import STOPConfig
-from .model import STOP
+import importlib
 
 __version__ = "0.1.0"
 
-
-def build_stop(config: STOPConfig = None, weights=None, device="cpu", **clip_kwargs) -> STOP:
-    """``STOP(config, load_clip(config.model_name, weights))`` on ``device``, in one call."""
-    config = config or STOPConfig()
-    clip = load_clip(config.model_name, weights, device=device, **clip_kwargs)
-    return STOP(config, clip).to(device)
-
+_EXPORTS = {
+    "STOPConfig": "config",
+    "STOP": "model",
+    "load_clip": "backbone",
+    "WeightsError": "backbone",
+    "build_stop": "factory",
+}
 
 __all__ = ["STOPConfig", "STOP", "load_clip", "build_stop", "WeightsError", "__version__"]
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

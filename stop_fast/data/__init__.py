@@ -5,14 +5,30 @@ every failure is a :class:`VideoDecodeError` naming the file. ``build_dataset(na
 reads the official split files of UCF101, HMDB51, SSv2, Kinetics-400, MSR-VTT or a generic CSV.
 ``VideoLoader`` (PyAV in DataLoader workers) and ``dali_loader.DaliVideoLoader`` (NVDEC or DALI's CPU
 decoder) batch clips. PyAV and DALI are optional: a backend that is missing says what to install.
-"""
-from .datasets import DATASETS, Sample, VideoDataset, build_dataset
-from .errors import VideoDecodeError
-from .loader import ShardedSampler, VideoLoader
-from .reader import BACKENDS, read_video_clip
-from .sampling import sample_indices
-from .views import average_views, read_video_views
 
-__all__ = ["read_video_clip", "sample_indices", "VideoDecodeError", "BACKENDS",
-           "build_dataset", "DATASETS", "VideoDataset", "Sample", "VideoLoader", "ShardedSampler",
-           "read_video_views", "average_views"]
+Names are imported on first use (PEP 562), so ``import stop_fast.data.datasets`` costs no torch import.
+"""
+import importlib
+
+_EXPORTS = {
+    "build_dataset": "datasets", "DATASETS": "datasets", "VideoDataset": "datasets", "Sample": "datasets",
+    "VideoDecodeError": "errors",
+    "ShardedSampler": "loader", "VideoLoader": "loader",
+    "BACKENDS": "reader", "read_video_clip": "reader",
+    "sample_indices": "sampling",
+    "average_views": "views", "read_video_views": "views",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -16,7 +16,6 @@ decoder and on NVDEC) or H.264.
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -159,20 +158,6 @@ def _video_files(folder: Path) -> Iterable[str]:
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file():
             yield str(p)
-
-
-def add_prepare_arguments(parser: argparse.ArgumentParser) -> None:
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--dataset", choices=sorted(DATASETS), help="read a dataset's split files (with --root, --split)")
-    src.add_argument("--videos", help="probe every video file under this folder")
-    parser.add_argument("--root", help="dataset root (with --dataset)")
-    parser.add_argument("--split", default="train")
-    parser.add_argument("--manifest", required=True, help="JSON-lines manifest to write (appended; resumes)")
-    parser.add_argument("--reencode-dir", help="also write decode-friendly copies here")
-    parser.add_argument("--codec", choices=sorted(CODECS), default="vp9", help="codec of the copies (default %(default)s)")
-    parser.add_argument("--short-side", type=int, default=256)
-    parser.add_argument("--gop", type=int, default=8, help="key frame interval of the copies")
-    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1)
 
 
 def run_prepare(args) -> int:

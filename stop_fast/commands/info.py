@@ -1,0 +1,28 @@
+"""Describe a model configuration: sizes and trainable parameter counts."""
+from __future__ import annotations
+
+import json
+
+from .common import add_model_arguments, build_model
+
+
+def add_arguments(p) -> None:
+    add_model_arguments(p)
+
+
+def run(args) -> int:
+    args.quiet_random_weights = True  # sizes do not depend on the weights
+    model = build_model(args)
+    counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.trainable_modules().items()}
+    print(json.dumps({
+        "model": args.model,
+        "image_size": model.image_size,
+        "patches_per_frame": model.num_patches,
+        "width": model.width,
+        "heads": model.visual.transformer.resblocks[0].attn.num_heads,
+        "layers": len(model.visual.transformer.resblocks),
+        "config": model.config.to_dict(),
+        "trainable_parameters": counts,
+        "trainable_total": sum(counts.values()),
+    }, indent=2))
+    return 0
