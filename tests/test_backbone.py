@@ -1,4 +1,8 @@
-"""load_clip: random weights with a warning, every supported weights file, clear errors, no network."""
+"""load_clip: random weights with a warning, every supported weights file, clear errors, no network,
+and weights files that cannot run code."""
+import hashlib
+import os
+import threading
 import warnings
 
 import open_clip
@@ -7,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 import stop_fast
-from stop_fast.backbone import WeightsError, load_clip
+from stop_fast.backbone import WeightsError, load_clip, read_state_dict
 
 
 def _random_clip(seed=0):
@@ -100,3 +104,189 @@ def test_patch_count_comes_from_the_backbone():
         b16 = open_clip.create_model("ViT-S-16")  # 224 px / 16 = 14 x 14 patches
     model = stop_fast.STOP(stop_fast.STOPConfig(model_name="ViT-S-16", k=100), b16)
     assert model.num_patches == 196
+
+
+# ------------------------------------------------------------------ TorchScript archives never run code
+class _Planter(torch.nn.Module):
+    """A TorchScript module whose __setstate__ writes a file when torch.jit.load restores it."""
+
+    def __init__(self, target: str):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+        self.plain = torch.zeros(2)
+        self.target = target
+
+    def forward(self, x):
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.w, self.plain, self.target, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, torch.Tensor, str, bool]):
+        self.w = state[0]
+        self.target = state[2]
+        self.training = state[3]
+        planted = torch.from_file(self.target, shared=True, size=16, dtype=torch.uint8)
+        planted.fill_(65)
+        self.plain = planted.to(torch.float32)[:2]
+
+
+class _Spinner(torch.nn.Module):
+    """A TorchScript module whose __setstate__ never returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(3))
+
+    def forward(self, x):
+        return x * self.w
+
+    @torch.jit.export
+    def __getstate__(self):
+        return (self.w, self.training)
+
+    @torch.jit.export
+    def __setstate__(self, state: tuple[torch.Tensor, bool]):
+        self.w = state[0]
+        self.training = state[1]
+        i = 0
+        while i >= 0:
+            i = i + 1
+
+
+def _script_save(module, path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script is deprecated; OpenAI's files were made with it
+        torch.jit.script(module).save(str(path))
+
+
+def test_torchscript_archive_that_writes_a_file_is_read_without_running_it(tmp_path):
+    target = tmp_path / "planted.pth"
+    archive = tmp_path / "evil.pt"
+    _script_save(_Planter(str(target)), archive)
+    torch.jit.load(str(archive))  # the archive really is dangerous: trusting it writes the file
+    assert target.read_bytes() == b"A" * 16
+    target.unlink()
+    with pytest.raises(WeightsError, match=r"evil\.pt without running its code.*--trust-weights"):
+        load_clip("stop-tiny", archive)
+    with pytest.raises(WeightsError, match="without running its code"):
+        read_state_dict(archive)
+    assert not target.exists()
+    read_state_dict(archive, trust_torchscript=True)  # the explicit opt-in runs the archive's code
+    assert target.exists()
+
+
+def test_torchscript_archive_that_never_returns_does_not_hang(tmp_path):
+    archive = tmp_path / "spin.pt"
+    _script_save(_Spinner(), archive)
+    outcome = []
+
+    def read():
+        try:
+            read_state_dict(archive)
+            outcome.append("read")
+        except WeightsError as exc:
+            outcome.append(str(exc))
+
+    worker = threading.Thread(target=read, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "reading the archive hung"
+    assert "without running its code" in outcome[0]
+
+
+class _WithPlainTensor(torch.nn.Module):
+    """Parameters, a buffer, a plain tensor attribute and a submodule, as OpenAI's scripted CLIP has."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 3)
+        self.register_buffer("scale", torch.rand(3))
+        self.attn_mask = torch.rand(2, 2)  # an attribute, not state: jit's state_dict() leaves it out
+        self.blocks = torch.nn.ModuleList([torch.nn.LayerNorm(3), torch.nn.LayerNorm(3)])
+
+    def forward(self, x):
+        x = self.proj(x) * self.scale
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_torchscript_tensors_equal_jit_state_dict(tmp_path):
+    archive = tmp_path / "scripted.pt"
+    _script_save(_WithPlainTensor(), archive)
+    ours = read_state_dict(archive)
+    theirs = torch.jit.load(str(archive)).state_dict()
+    assert ours.keys() == theirs.keys() and "attn_mask" not in ours
+    assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+
+
+def test_format_comes_from_the_content_not_the_name(tmp_path):
+    source = _random_clip(seed=2)
+    tensors = {k: v.contiguous() for k, v in source.state_dict().items()}
+    upper = tmp_path / "W.SAFETENSORS"
+    save_file(tensors, str(upper))
+    misnamed = tmp_path / "really_safetensors.pt"
+    save_file(tensors, str(misnamed))
+    pickled = tmp_path / "checkpoint.safetensors"
+    torch.save(source.state_dict(), pickled)
+    for path in (upper, misnamed, pickled):
+        assert _same_weights(source, load_clip("stop-tiny", path)), path
+
+
+@pytest.mark.parametrize("poison", ["int", "bool", "nan"])
+def test_integer_boolean_or_nan_weights_are_refused(tmp_path, poison):
+    state = {k: v.clone() for k, v in _random_clip(seed=3).state_dict().items()}
+    key = "visual.conv1.weight"
+    if poison == "nan":
+        state[key][0, 0, 0, 0] = float("nan")
+    else:
+        state[key] = state[key].to(torch.int32 if poison == "int" else torch.bool)
+    path = tmp_path / "poisoned.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path))
+    with pytest.raises(WeightsError, match=r"poisoned\.safetensors: visual\.conv1\.weight (holds|contains NaN)"):
+        load_clip("stop-tiny", path)
+
+
+# ------------------------------------------------------------------ GELU flavour, seeds, provenance
+def test_quick_gelu_false_overrides_a_quickgelu_config():
+    from open_clip.transformer import QuickGELU
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quick = load_clip("stop-tiny", seed=5)  # stop-tiny's config sets quick_gelu
+        erf = load_clip("stop-tiny", seed=5, quick_gelu=False)
+    assert any(isinstance(m, QuickGELU) for m in quick.modules())
+    assert not any(isinstance(m, QuickGELU) for m in erf.modules())
+    assert any(isinstance(m, torch.nn.GELU) for m in erf.modules())
+    assert (quick.stop_fast_source["gelu"], erf.stop_fast_source["gelu"]) == ("quick", "erf")
+    image = torch.randn(1, 3, 112, 112)
+    assert _same_weights(quick, erf)
+    assert (quick.encode_image(image) - erf.encode_image(image)).abs().max() > 1e-4
+
+
+def test_seeded_random_weights_are_reproducible_and_leave_the_global_rng_alone():
+    torch.manual_seed(123)
+    expected_next = torch.rand(1)
+    torch.manual_seed(123)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        a, b, c = load_clip("stop-tiny", seed=7), load_clip("stop-tiny", seed=7), load_clip("stop-tiny", seed=8)
+    assert torch.equal(torch.rand(1), expected_next)
+    assert _same_weights(a, b) and not _same_weights(a, c)
+    assert a.stop_fast_source == {"model_name": "stop-tiny", "gelu": "quick", "weights": None,
+                                  "sha256": None, "random_seed": 7}
+    with pytest.raises(ValueError, match="seed"):
+        load_clip("stop-tiny", seed=-1)
+
+
+def test_source_records_the_weights_file_and_its_sha256(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in _random_clip(seed=1).state_dict().items()}, str(path))
+    clip = load_clip("stop-tiny", path, quick_gelu=False)
+    assert clip.stop_fast_source == {
+        "model_name": "stop-tiny", "gelu": "erf", "weights": str(path),
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "random_seed": None,
+    }
