@@ -98,33 +98,19 @@ class STOP(nn.Module):
             module.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
 
     def save_prompts(self, path: Union[str, os.PathLike]) -> None:
-        """Write the trainable weights and the config to a ``.safetensors`` file (atomically)."""
-        from safetensors.torch import save_file
+        """Write the trainable weights, the config and the backbone's fingerprint to a ``.safetensors``
+        file, atomically (see :mod:`stop_fast.prompt_file`)."""
+        from ..prompt_file import save_prompts
 
-        tmp = f"{path}.tmp"
-        tensors = {k: v.contiguous().cpu() for k, v in self.trainable_state_dict().items()}
-        save_file(tensors, tmp, metadata={"stop_config": json.dumps(self.config.to_dict())})
-        os.replace(tmp, path)
+        save_prompts(self, path)
 
-    def load_prompts(self, path: Union[str, os.PathLike]) -> None:
-        """Load weights written by :meth:`save_prompts`; the stored config must match this model's."""
-        from safetensors import safe_open
-        from safetensors.torch import load_file
+    def load_prompts(self, path: Union[str, os.PathLike], force: bool = False) -> None:
+        """Load weights written by :meth:`save_prompts`. A file saved for another config or backbone
+        raises ``PromptFileError`` (a ValueError) naming the field; ``force=True`` loads it anyway,
+        with a warning."""
+        from ..prompt_file import load_prompts
 
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"prompt weights file not found: {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        stored = meta.get("stop_config")
-        if stored is not None:
-            stored_cfg = json.loads(stored)
-            ours = self.config.to_dict()
-            differ = {k: (v, ours.get(k)) for k, v in stored_cfg.items() if ours.get(k) != v}
-            structural = {k: v for k, v in differ.items() if k in ("model_name", "k", "rho", "r_intra", "r_inter")}
-            if structural:
-                raise ValueError(f"{path} was saved with another config: {structural} (saved, ours)")
-        device = next(self.clip.parameters()).device
-        self.load_trainable_state_dict(load_file(str(path), device=str(device)))
+        load_prompts(self, path, force=force)
 
     # ------------------------------------------------------------------ encoders
     def encode_video(self, video: torch.Tensor, impl: str = "reference", check_inputs: bool = True) -> torch.Tensor:
