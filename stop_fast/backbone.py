@@ -50,6 +50,8 @@ open_clip.add_model_config(_CONFIG_DIR)
 _OPENAI_EXTRA_KEYS = ("input_resolution", "context_length", "vocab_size")
 
 PathLike = Union[str, os.PathLike]
+# safetensors metadata "format" of files written by `stop-fast convert-weights`
+WEIGHTS_FORMAT = "stop_fast.weights"
 
 
 class WeightsError(ValueError):
@@ -120,7 +122,7 @@ def load_clip(
         "model_name": model_name,
         "gelu": gelu_flavour(model),
         "weights": str(weights) if weights is not None else (f"pretrained:{pretrained_tag}" if pretrained_tag else None),
-        "sha256": file_sha256(weights) if weights is not None else None,
+        "sha256": weights_fingerprint(weights) if weights is not None else None,
         "random_seed": seed if random_weights else None,
     }
     model = model.to(device)
@@ -147,6 +149,23 @@ def file_sha256(path: PathLike) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def weights_fingerprint(path: PathLike) -> str:
+    """The sha256 that identifies a weights file's weights: the file's own, or for a file written by
+    ``stop-fast convert-weights`` the sha256 of the file it was converted from (the same weights)."""
+    if weights_format(path) == "safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                metadata = f.metadata() or {}
+        except Exception:  # noqa: BLE001 - unreadable files were refused while loading; hash the bytes
+            metadata = {}
+        source = metadata.get("source_sha256", "")
+        if metadata.get("format") == WEIGHTS_FORMAT and re.fullmatch(r"[0-9a-f]{64}", source):
+            return source
+    return file_sha256(path)
 
 
 # ---------------------------------------------------------------------------------------------- reading

@@ -5,7 +5,8 @@ metadata, everything needed to tell whether they fit a model:
 
 - ``stop_config``: the STOPConfig as JSON;
 - ``backbone``: the backbone they were trained on, as JSON: ``model_name``, ``gelu`` (``quick`` or
-  ``erf``), ``weights`` (the weights file's name, no folder), ``sha256`` of that file, and
+  ``erf``), ``weights`` (the weights file's name, no folder), ``sha256`` of that file (of the original
+  for a file written by ``stop-fast convert-weights``), and
   ``random_seed`` when the backbone had seeded random weights (``clip.stop_fast_source``, which
   ``load_clip`` sets).
 

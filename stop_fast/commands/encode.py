@@ -12,7 +12,7 @@ def add_arguments(p) -> None:
     src.add_argument("--video", help="video file to embed (default: a generated moving-square clip)")
     src.add_argument("--generated", action="store_true", help="embed a generated clip (the default)")
     p.add_argument("--seed", type=int, default=0, help="seed of the generated clip")
-    p.add_argument("--out", help="also save the embedding tensor here (torch.save)")
+    p.add_argument("--out", help="also save the embedding tensor here (torch.save; load with weights_only=True)")
 
 
 def run(args) -> int:
@@ -33,17 +33,24 @@ def run(args) -> int:
 
         clip = moving_square(args.frames, model.image_size, generator=torch.Generator().manual_seed(args.seed))
         source = f"generated clip (moving square, seed {args.seed})"
+    video = clip[None].to(next(model.parameters()).device)
     with torch.no_grad():
-        video = clip[None].to(next(model.parameters()).device)
-        feature = model.encode_video(video, impl=args.impl)[0].cpu()
-        details = model.explain(video)
+        details, impl = explain(model, video, args.impl)  # one forward: embedding and counts together
+    feature = details["feature"][0].float().cpu()
     if args.out:
-        torch.save(feature, args.out)
+        import io
+
+        from ..prompt_file import write_atomic
+
+        buffer = io.BytesIO()
+        torch.save(feature, buffer)
+        write_atomic(args.out, buffer.getvalue())
     counts = details["counts"][0].tolist()
     print(json.dumps({
         "source": source,
         "model": args.model,
         "random_weights": args.weights is None,
+        "impl": impl,
         "embedding_dim": feature.numel(),
         "norm": round(float(feature.norm()), 6),
         "embedding_head": [round(float(x), 5) for x in feature[:8]],
@@ -51,3 +58,16 @@ def run(args) -> int:
         "saved_to": args.out,
     }, indent=2))
     return 0
+
+
+def explain(model, video, impl: str):
+    """``model.explain(video, impl=impl)`` and the path that ran; a STOP whose ``explain`` has no
+    ``impl`` argument runs the reference path, and says so."""
+    import inspect
+    import warnings
+
+    if "impl" in inspect.signature(model.explain).parameters:
+        return model.explain(video, impl=impl), impl
+    if impl != "reference":
+        warnings.warn(f"this STOP.explain has no impl argument: ran the reference path, not {impl}", stacklevel=2)
+    return model.explain(video), "reference"

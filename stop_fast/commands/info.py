@@ -1,4 +1,4 @@
-"""Describe a model configuration: sizes and trainable parameter counts."""
+"""Describe a model configuration: sizes, trainable parameter counts and where the backbone's weights come from."""
 from __future__ import annotations
 
 import json
@@ -21,6 +21,7 @@ def run(args) -> int:
         "width": model.width,
         "heads": model.visual.transformer.resblocks[0].attn.num_heads,
         "layers": len(model.visual.transformer.resblocks),
+        "backbone": getattr(model.clip, "stop_fast_source", None),
         "config": model.config.to_dict(),
         "trainable_parameters": counts,
         "trainable_total": sum(counts.values()),
