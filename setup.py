@@ -8,7 +8,7 @@ setup(
     description="STOP (spatial-temporal dynamic prompting) for CLIP video models, with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    python_requires=">=3.10",
+    python_requires=">=3.11",  # configs are read with tomllib
     packages=find_packages(include=["stop_fast", "stop_fast.*"]) + ["stop_fast.kernels"],
     package_data={"stop_fast": ["model_configs/*.json"]},
     package_dir={"stop_fast.kernels": "kernels"},
@@ -18,12 +18,15 @@ setup(
         "safetensors",
         "tqdm",
         "numpy",
+        # PyAV reads video files: the first command a user runs must be able to. av 19 hangs processes
+        # forked after a decode (its frame-scaling thread pool), which DataLoader / prepare workers are.
+        "av>=12,<19",
     ],
     extras_require={
-        "video": ["av>=12"],
-        "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],
+        "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],  # GPU (NVDEC) decoding
         "viz": ["matplotlib"],
-        "test": ["pytest", "pytest-benchmark", "av>=12", "matplotlib", "nvidia-dali-cuda130; platform_system == 'Linux'"],
+        "tensorboard": ["tensorboard"],  # optional training logs
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["stop-fast=stop_fast.cli:main"]},
 )
