@@ -18,6 +18,18 @@ What is safe: any file can be passed to ``load_clip`` / ``--weights`` without ``
 the worst a malicious file can do is fail to load (or use memory in proportion to its size).
 Tensors must be floating point and free of NaN; weights must match the architecture key for key.
 
+Getting real CLIP weights as a file, once (the one step that uses the network)::
+
+    import stop_fast
+    from safetensors.torch import save_file
+
+    clip = stop_fast.load_clip("ViT-B-32", pretrained_tag="openai", allow_download=True)
+    save_file({k: v.contiguous() for k, v in clip.state_dict().items()}, "ViT-B-32-openai.safetensors")
+
+then ``--weights ViT-B-32-openai.safetensors`` (OpenAI's weights use QuickGELU, the default
+``--gelu quick``; LAION / open_clip-trained checkpoints mostly need ``--gelu erf``). An OpenAI ``.pt``
+file already on disk can be converted with ``stop-fast convert-weights ViT-B-32.pt ViT-B-32.safetensors``.
+
 The returned model carries ``clip.stop_fast_source``, a dict saying where its weights came from
 (``model_name``, ``gelu``, ``weights``, ``sha256``, ``random_seed``): prompt files record it, so that
 prompts trained on one backbone are not silently used with another.
