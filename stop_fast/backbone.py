@@ -349,7 +349,10 @@ def _read_torchscript_tensors(path: Path) -> Dict[str, torch.Tensor]:
     with _open_zipfile_reader(str(path)) as reader:
         records = reader.get_all_records()
         if "data.pkl" not in records:
-            raise WeightsError(f"cannot read weights file {path}: a TorchScript archive without data.pkl")
+            raise WeightsError(
+                f"cannot read weights file {path} without running its code: a TorchScript archive of an old "
+                "format (no data.pkl); if you trust the file, use --trust-weights (trust_torchscript=True)"
+            )
         classes = []
         for qualified in sorted(_torchscript_globals(reader.get_record("data.pkl"))):
             module, _, name = qualified.rpartition(".")
