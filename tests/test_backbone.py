@@ -2,7 +2,8 @@
 and weights files that cannot run code."""
 import hashlib
 import os
-import threading
+import subprocess
+import sys
 import warnings
 
 import open_clip
@@ -181,20 +182,19 @@ def test_torchscript_archive_that_writes_a_file_is_read_without_running_it(tmp_p
 def test_torchscript_archive_that_never_returns_does_not_hang(tmp_path):
     archive = tmp_path / "spin.pt"
     _script_save(_Spinner(), archive)
-    outcome = []
-
-    def read():
-        try:
-            read_state_dict(archive)
-            outcome.append("read")
-        except WeightsError as exc:
-            outcome.append(str(exc))
-
-    worker = threading.Thread(target=read, daemon=True)
-    worker.start()
-    worker.join(timeout=60)
-    assert not worker.is_alive(), "reading the archive hung"
-    assert "without running its code" in outcome[0]
+    # In a child process, so that a regression fails this test instead of hanging the suite.
+    code = (
+        "import sys; from stop_fast.backbone import WeightsError, read_state_dict\n"
+        "try:\n    read_state_dict(sys.argv[1])\nexcept WeightsError as exc:\n    print(exc)\n"
+    )
+    root = os.path.dirname(os.path.dirname(stop_fast.__file__))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    try:
+        done = subprocess.run([sys.executable, "-c", code, str(archive)], capture_output=True, text=True,
+                              env=env, timeout=180)
+    except subprocess.TimeoutExpired:
+        pytest.fail("reading the archive hung")
+    assert "without running its code" in done.stdout, done.stderr[-2000:]
 
 
 class _WithPlainTensor(torch.nn.Module):
