@@ -255,7 +255,8 @@ def _mismatches(prompts: PromptFile, model) -> list:
 
 def _describe(source: dict) -> str:
     if source.get("sha256"):
-        return f"{source.get('weights') and os.path.basename(str(source['weights']))} (sha256 {source['sha256'][:12]}...)"
+        name = os.path.basename(str(source["weights"])) if source.get("weights") else "a weights file"
+        return f"{name} (sha256 {source['sha256'][:12]}...)"
     if source.get("weights"):
         return str(source["weights"])
     seed = source.get("random_seed")
