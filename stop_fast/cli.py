@@ -47,7 +47,7 @@ def _user_error_message(exc: BaseException) -> Optional[str]:
     if torch is not None and isinstance(exc, torch.cuda.OutOfMemoryError):
         first = str(exc).splitlines()[0] if str(exc) else "CUDA out of memory"
         return f"out of memory on the GPU ({first}); lower --batch-size, --frames or --rho"
-    if isinstance(exc, MemoryError):
+    if isinstance(exc, MemoryError) or (isinstance(exc, RuntimeError) and "can't allocate memory" in str(exc)):
         return "out of memory; lower --batch-size, --frames or --rho"
     from .data.errors import VideoDecodeError
 
