@@ -211,6 +211,15 @@ def test_prepare_refuses_with_one_line(tmp_path, capsys, argv, message):
     assert not (videos / "copies").exists()
 
 
+def test_prepare_without_pyav_says_what_to_install(tmp_path, capsys, monkeypatch):
+    videos = _folder(tmp_path)
+    monkeypatch.setitem(sys.modules, "av", None)
+    assert main(["prepare", "--videos", str(videos), "--manifest", str(tmp_path / "m.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "pip install av" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "m.jsonl").exists()
+
+
 def test_a_worker_that_dies_is_recorded_and_the_run_goes_on(tmp_path, capsys, monkeypatch):
     from stop_fast.data import prepare
 

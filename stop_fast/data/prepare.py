@@ -480,7 +480,10 @@ def _check_arguments(args) -> Path:
 def run_prepare(args) -> int:
     import tqdm as tqdm_module
 
+    from .pyav_reader import _import_av
+
     base = _check_arguments(args)
+    _import_av()  # a missing PyAV is one line here, not a traceback from every worker
     root = os.path.abspath(base)
     if args.dataset:
         paths = [s.path for s in build_dataset(args.dataset, args.root, args.split).samples]
