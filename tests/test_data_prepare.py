@@ -14,7 +14,7 @@ from stop_fast.data import read_video_clip
 from stop_fast.data.datasets import build_dataset
 from stop_fast.data.prepare import exclude_bad, probe_video, read_manifest
 
-from data_fixtures import level, write_video
+from data_fixtures import write_video
 
 
 def _folder(tmp_path):
@@ -68,7 +68,7 @@ def test_reencoded_copies_decode_to_the_same_content(tmp_path):
 
 
 def test_loaders_leave_out_files_the_manifest_marks_bad(tmp_path):
-    videos = _folder(tmp_path)
+    _folder(tmp_path)
     (tmp_path / "train.csv").write_text("path,label\nvideos/a/one.mp4,x\nvideos/bad.mp4,y\nvideos/two.avi,x\n")
     manifest = tmp_path / "manifest.jsonl"
     assert main(["prepare", "--dataset", "csv", "--root", str(tmp_path), "--manifest", str(manifest), "--workers", "1"]) == 0

@@ -161,6 +161,20 @@ def test_frames_are_scaled_while_still_uint8(tmp_path):
     assert abs(_frame_level(clip, 1) - level(2, 3)) < 4
 
 
+def test_a_conversion_error_is_named_not_taken_for_a_truncated_tail(tmp_path, monkeypatch):
+    from stop_fast.data import pyav_reader
+
+    path = write_video(tmp_path / "clip.mp4", num_frames=6)
+
+    def broken(self, frame, width=None, height=None):
+        raise TypeError("unsupported argument")
+
+    monkeypatch.setattr(pyav_reader.Scaler, "rgb", broken)
+    with pytest.raises(VideoDecodeError, match="frame 0 .* could not be converted to RGB .TypeError") as info:
+        read_video_clip(path, 2, size=16)
+    assert info.value.path == str(path)
+
+
 def test_frames_larger_than_the_cap_are_refused(tmp_path, monkeypatch):
     from stop_fast.data import pyav_reader
 

@@ -181,24 +181,28 @@ def decode_frames(path: str, indices: Sequence[int], size: Optional[int] = None)
     try:
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"
-        try:
-            for frame in container.decode(stream):
-                check_frame_size(path, frame.width, frame.height)
-                if target is None:
-                    rotation = display_rotation(frame)
-                    h, w = (frame.height, frame.width)
-                    if size is not None:
-                        h, w = resized_shape(h, w, size)
-                    target = (w, h, rotation)
-                if decoded in wanted:
+        frames = container.decode(stream)
+        while decoded <= last:
+            try:
+                frame = next(frames)
+            except StopIteration:
+                break
+            except Exception:  # a truncated or corrupt tail: keep what decoded
+                break
+            check_frame_size(path, frame.width, frame.height)
+            if target is None:
+                h, w = frame.height, frame.width
+                if size is not None:
+                    h, w = resized_shape(h, w, size)
+                target = (w, h, display_rotation(frame))
+            if decoded in wanted:
+                try:
                     found[decoded] = _upright(scaler.rgb(frame, target[0], target[1]), target[2])
-                decoded += 1
-                if decoded > last:
-                    break
-        except VideoDecodeError:
-            raise
-        except Exception:  # a truncated or corrupt tail: keep what decoded
-            pass
+                except Exception as exc:  # not the file's tail: say what failed
+                    raise VideoDecodeError(path, f"frame {decoded} ({frame.format.name}, {frame.width} x "
+                                                 f"{frame.height}) could not be converted to RGB "
+                                                 f"({type(exc).__name__}: {exc})") from exc
+            decoded += 1
     finally:
         container.close()
     return [found[i] for i in indices if i in found], decoded
