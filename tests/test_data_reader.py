@@ -170,7 +170,7 @@ def test_a_conversion_error_is_named_not_taken_for_a_truncated_tail(tmp_path, mo
         raise TypeError("unsupported argument")
 
     monkeypatch.setattr(pyav_reader.Scaler, "rgb", broken)
-    with pytest.raises(VideoDecodeError, match="frame 0 .* could not be converted to RGB .TypeError") as info:
+    with pytest.raises(VideoDecodeError, match=r"frame 1 \(yuv420p, 64 x 48\) could not be converted to RGB \(TypeError") as info:
         read_video_clip(path, 2, size=16)
     assert info.value.path == str(path)
 
