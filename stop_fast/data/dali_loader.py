@@ -47,8 +47,9 @@ class DaliVideoLoader:
     another sample (training) or fed as an invalid placeholder (evaluation, ``valid=False``).
     Each video's codec, frame count and rotation are probed once (PyAV, demuxing and one frame) and
     remembered; pass the ``manifest`` written by ``stop-fast prepare`` to skip probing the files
-    that have not changed since it was written (its bad files are skipped too). The host work of the next batch (probe, read, sample) runs on
-    ``num_threads`` threads while DALI decodes the current batch's videos in parallel.
+    that have not changed since it was written (its bad files are skipped too). The host work of
+    the next batch (probe, read, sample) runs on ``num_threads`` threads while DALI decodes the
+    current batch's videos in parallel.
     """
 
     def __init__(self, dataset, num_frames: int, batch_size: int, size: int = 224, mode: str = "eval", seed: int = 0,
