@@ -37,6 +37,10 @@ def write_video(path, num_frames=24, width=64, height=48, codec="mpeg4", fps=12,
         elif codec == "libvpx-vp9":
             stream.options = {"crf": "10", "b:v": "0", "g": "8"}
         if rotation is not None:
+            if not hasattr(stream, "set_display_rotation"):
+                import pytest
+
+                pytest.skip(f"writing rotation metadata needs a newer PyAV than {av.__version__}")
             stream.set_display_rotation(rotation)
         if times_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
@@ -62,4 +66,34 @@ def write_audio_only(path):
                 container.mux(packet)
         for packet in stream.encode():
             container.mux(packet)
+    return path
+
+
+def write_resolution_change(path, sizes=((64, 48), (40, 40)), frames_each=8):
+    """An MPEG-TS capture whose resolution changes mid-stream: two H.264 streams of different sizes
+    written back to back (TS segments concatenate byte-wise, as players and FFmpeg expect)."""
+    import tempfile
+
+    data = b""
+    with tempfile.TemporaryDirectory() as tmp:
+        for k, (width, height) in enumerate(sizes):
+            part = f"{tmp}/part{k}.ts"
+            write_video(part, num_frames=frames_each, width=width, height=height, codec="libx264")
+            with open(part, "rb") as f:
+                data += f.read()
+    with open(str(path), "wb") as f:
+        f.write(data)
+    return path
+
+
+def zero_display_matrix(path):
+    """Overwrite the display matrix of an MP4's video track (tkhd) with zeros: a degenerate matrix,
+    for which FFmpeg's rotation is NaN (PyAV reads INT_MIN). The file must carry a rotation."""
+    data = bytearray(open(str(path), "rb").read())
+    at = data.find(b"tkhd")
+    assert at > 0 and data[at + 4] == 0, "expected a version-0 tkhd box"
+    start = at - 4 + 48  # box start + header fields before the 3x3 matrix (version 0 layout)
+    data[start : start + 36] = bytes(36)
+    with open(str(path), "wb") as f:
+        f.write(bytes(data))
     return path

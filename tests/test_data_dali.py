@@ -177,3 +177,41 @@ def test_dali_gpu_loader_matches_the_cpu_loader(tmp_path, dtype):
         assert g["video"].is_cuda and g["video"].dtype == dtype and torch.equal(g["index"], c["index"])
         # the same frames, crops and flips; NVDEC and libvpx may round a level differently
         assert (g["video"].float().cpu() - c["video"]).abs().mean() < 0.05
+
+
+def test_dali_loader_does_not_trust_a_stale_manifest(tmp_path):
+    from stop_fast.cli import main
+
+    (tmp_path / "v").mkdir()
+    path = write_video(tmp_path / "v" / "0.webm", num_frames=40, codec="libvpx-vp9")
+    manifest = tmp_path / "m.jsonl"
+    assert main(["prepare", "--videos", str(tmp_path / "v"), "--manifest", str(manifest), "--workers", "1"]) == 0
+    write_video(path, num_frames=8, codec="libvpx-vp9")  # replaced after the manifest was written
+    ds = VideoDataset("fixture", "test", [Sample(str(path), 0)], classes=["a"])
+    (dali,) = list(DaliVideoLoader(ds, 4, 1, size=32, mode="eval", device="cpu", manifest=str(manifest)))
+    (pyav,) = list(VideoLoader(ds, 4, 1, size=32, mode="eval", num_workers=0))
+    assert dali["valid"].all()
+    # with the manifest's 40 frames, DALI would be asked for frames 5..35 of 8 and return black ones
+    assert (dali["video"] - pyav["video"]).abs().mean() < 0.05
+
+
+def test_dali_loader_survives_an_unexpected_error_on_one_file(tmp_path, monkeypatch, caplog):
+    import logging
+
+    from stop_fast.data import dali_loader
+
+    samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=8, codec="libvpx-vp9")), 0) for i in range(3)]
+    real = dali_loader.probe_stream
+
+    def flaky(path):
+        if path.endswith("v1.webm"):
+            raise KeyError("codec_context")
+        return real(path)
+
+    monkeypatch.setattr(dali_loader, "probe_stream", flaky)
+    ds = VideoDataset("fixture", "test", samples, classes=["a"])
+    loader = DaliVideoLoader(ds, 2, 3, size=16, mode="eval", device="cpu")
+    with caplog.at_level(logging.WARNING, logger="stop_fast.data.dali_loader"):
+        (batch,) = list(loader)
+    assert batch["valid"].tolist() == [True, False, True] and loader.stats == {"clips": 2, "failures": 1}
+    assert "v1.webm (unexpected KeyError" in caplog.text

@@ -102,3 +102,40 @@ def test_ranks_get_disjoint_shares_and_equal_batch_counts(small_dataset, mode):
         assert sorted(shares[0] + shares[1]) == list(range(6)) and not set(shares[0]) & set(shares[1])
     else:  # the broken file (5) was replaced, so the shares may meet only in its replacement
         assert 5 not in shares[0] + shares[1] and len(set(shares[0]) & set(shares[1])) <= 1
+
+
+@pytest.mark.parametrize("mode", ["eval", "train"])
+def test_an_unexpected_error_in_one_sample_does_not_end_the_epoch(small_dataset, mode, monkeypatch, caplog):
+    from stop_fast.data import loader as loader_module
+
+    real = loader_module.read_video_clip
+
+    def flaky(path, *args, **kwargs):  # a bug or an odd file raising something other than VideoDecodeError
+        if path.endswith("v2.mp4"):
+            raise ValueError("all the input array dimensions except for the concatenation axis must match")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "read_video_clip", flaky)
+    loader = VideoLoader(small_dataset, num_frames=2, batch_size=3, size=16, mode=mode, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="stop_fast.data.loader"):
+        batches = list(loader)
+    index = torch.cat([b["index"] for b in batches])
+    valid = torch.cat([b["valid"] for b in batches])
+    assert "v2.mp4 (unexpected ValueError: all the input array" in caplog.text
+    if mode == "eval":
+        assert index.tolist() == [0, 1, 2, 3, 4, 5] and valid.tolist() == [True, True, False, True, True, False]
+        assert loader.stats == {"clips": 4, "failures": 2}
+    else:
+        assert valid.all() and not {2, 5} & set(index.tolist()) and loader.stats["failures"] >= 1
+
+
+def test_a_resolution_change_mid_stream_is_a_valid_clip(tmp_path):
+    from stop_fast.data.datasets import Sample, VideoDataset
+
+    from data_fixtures import write_resolution_change
+
+    path = write_resolution_change(tmp_path / "capture.ts")
+    ds = VideoDataset("fixture", "test", [Sample(str(path), 0)], classes=["a"])
+    loader = VideoLoader(ds, num_frames=8, batch_size=1, size=24, mode="eval", num_workers=0)
+    (batch,) = list(loader)
+    assert batch["valid"].all() and batch["video"].shape == (1, 8, 3, 24, 24) and loader.stats["failures"] == 0

@@ -1,13 +1,14 @@
 """Clip sampling and decoding on generated videos with known content."""
 import random
 
+import numpy as np
 import pytest
 import torch
 
 from stop_fast.data import VideoDecodeError, read_video_clip, sample_indices
 from stop_fast.data.pyav_reader import count_frames, decode_frames, probe_stream
 
-from data_fixtures import CONTAINERS, level, write_audio_only, write_video
+from data_fixtures import CONTAINERS, level, write_audio_only, write_resolution_change, write_video, zero_display_matrix
 
 
 def test_eval_indices_are_segment_centres():
@@ -133,6 +134,92 @@ def test_unreadable_files_name_the_file_and_reason(tmp_path, make, reason):
     with pytest.raises(VideoDecodeError, match=reason) as info:
         read_video_clip(path, 4, size=32)
     assert info.value.path == str(path) and "broken.m4a" in str(info.value)
+
+
+@pytest.mark.parametrize("views", [False, True])
+def test_resolution_change_mid_stream_gives_one_frame_size(tmp_path, views):
+    from stop_fast.data.views import read_video_views
+
+    path = write_resolution_change(tmp_path / "capture.ts")  # 8 frames at 64 x 48, then 8 at 40 x 40
+    frames, decoded = decode_frames(str(path), list(range(16)))
+    assert decoded == 16 and {f.shape for f in frames} == {(48, 64, 3)}  # the first frame's size
+    if views:
+        clip = read_video_views(path, 8, size=32, num_clips=2)[1]
+    else:
+        clip = read_video_clip(path, 8, size=32)
+    assert clip.shape == (8, 3, 32, 32) and torch.isfinite(clip).all()
+    for t, i in enumerate(sample_indices(16, 8) if not views else [1, 3, 5, 7, 9, 11, 13, 15]):
+        n = i % 8  # each half is its own fixture video of 8 frames
+        assert abs(_frame_level(clip, t) - level(n, 8)) < 6, t
+
+
+def test_frames_are_scaled_while_still_uint8(tmp_path):
+    path = write_video(tmp_path / "wide.mkv", num_frames=3, width=400, height=200, codec="ffv1", pix_fmt="yuv420p")
+    frames, _ = decode_frames(str(path), [0, 2], size=32)
+    assert [f.shape for f in frames] == [(32, 64, 3)] * 2 and frames[0].dtype == np.uint8
+    clip = read_video_clip(path, 2, size=32)
+    assert abs(_frame_level(clip, 1) - level(2, 3)) < 4
+
+
+def test_a_conversion_error_is_named_not_taken_for_a_truncated_tail(tmp_path, monkeypatch):
+    from stop_fast.data import pyav_reader
+
+    path = write_video(tmp_path / "clip.mp4", num_frames=6)
+
+    def broken(self, frame, width=None, height=None):
+        raise TypeError("unsupported argument")
+
+    monkeypatch.setattr(pyav_reader.Scaler, "rgb", broken)
+    with pytest.raises(VideoDecodeError, match=r"frame 1 \(yuv420p, 64 x 48\) could not be converted to RGB \(TypeError") as info:
+        read_video_clip(path, 2, size=16)
+    assert info.value.path == str(path)
+
+
+def test_frames_larger_than_the_cap_are_refused(tmp_path, monkeypatch):
+    from stop_fast.data import pyav_reader
+
+    path = write_video(tmp_path / "clip.mp4", num_frames=4, width=64, height=48)
+    monkeypatch.setattr(pyav_reader, "MAX_PIXELS", 64 * 48 - 1)
+    with pytest.raises(VideoDecodeError, match="64 x 48 exceed") as info:
+        read_video_clip(path, 2, size=16)
+    assert "clip.mp4" in str(info.value)
+
+
+@pytest.mark.parametrize("name, content, reason", [
+    ("notes.txt", b"hello, this is not a video\n" * 40, "text file"),
+    ("art.ans", b"\x1b[31mred\x1b[0m text\n" * 40, "text file"),
+])
+def test_text_files_are_not_videos(tmp_path, name, content, reason):
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(VideoDecodeError, match=reason):
+        read_video_clip(path, 4, size=16)
+    with pytest.raises(VideoDecodeError, match="not a video"):
+        probe_stream(str(path))
+
+
+def test_still_images_are_not_videos(tmp_path):
+    import av
+
+    path = tmp_path / "picture.png"
+    with av.open(str(path), "w", format="image2") as c:
+        s = c.add_stream("png", rate=1)
+        s.width, s.height, s.pix_fmt = 16, 16, "rgb24"
+        for packet in s.encode(av.VideoFrame.from_ndarray(np.zeros((16, 16, 3), np.uint8), format="rgb24")):
+            c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    with pytest.raises(VideoDecodeError, match="still image"):
+        read_video_clip(path, 2, size=16)
+
+
+def test_degenerate_display_matrix_means_no_rotation(tmp_path):
+    path = zero_display_matrix(write_video(tmp_path / "odd.mp4", num_frames=8, width=64, height=48, rotation=90))
+    assert probe_stream(str(path))[2] == 0
+    frames, _ = decode_frames(str(path), [0])
+    assert frames[0].shape == (48, 64, 3)  # not turned
+    plain = write_video(tmp_path / "plain.mp4", num_frames=8, width=64, height=48)
+    torch.testing.assert_close(read_video_clip(path, 2, size=32), read_video_clip(plain, 2, size=32))
 
 
 def test_reader_refuses_bad_arguments(tmp_path):

@@ -2,7 +2,8 @@
 
 ``read_video_clip(path, num_frames, size, mode, backend, seed)`` returns a CLIP-normalised clip;
 every failure is a :class:`VideoDecodeError` naming the file. ``build_dataset(name, root, split)``
-reads the official split files of UCF101, HMDB51, SSv2, Kinetics-400, MSR-VTT or a generic CSV.
+reads the official split files of UCF101, HMDB51, SSv2, Kinetics-400, MSR-VTT, VATEX, DiDeMo,
+ActivityNet Captions or a generic CSV (an unreadable line is an ``AnnotationError`` naming the file and line).
 ``VideoLoader`` (PyAV in DataLoader workers) and ``dali_loader.DaliVideoLoader`` (NVDEC or DALI's CPU
 decoder) batch clips. PyAV and DALI are optional: a backend that is missing says what to install.
 
@@ -12,6 +13,7 @@ import importlib
 
 _EXPORTS = {
     "build_dataset": "datasets", "DATASETS": "datasets", "VideoDataset": "datasets", "Sample": "datasets",
+    "AnnotationError": "datasets",
     "VideoDecodeError": "errors",
     "ShardedSampler": "loader", "VideoLoader": "loader",
     "BACKENDS": "reader", "read_video_clip": "reader",

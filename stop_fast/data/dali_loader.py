@@ -46,9 +46,10 @@ class DaliVideoLoader:
     videos one at a time) is logged by name, counted in ``stats``, remembered, and replaced by
     another sample (training) or fed as an invalid placeholder (evaluation, ``valid=False``).
     Each video's codec, frame count and rotation are probed once (PyAV, demuxing and one frame) and
-    remembered; pass the ``manifest`` written by ``stop-fast prepare`` to skip probing altogether
-    (its bad files are skipped too). The host work of the next batch (probe, read, sample) runs on
-    ``num_threads`` threads while DALI decodes the current batch's videos in parallel.
+    remembered; pass the ``manifest`` written by ``stop-fast prepare`` to skip probing the files
+    that have not changed since it was written (its bad files are skipped too). The host work of
+    the next batch (probe, read, sample) runs on ``num_threads`` threads while DALI decodes the
+    current batch's videos in parallel.
     """
 
     def __init__(self, dataset, num_frames: int, batch_size: int, size: int = 224, mode: str = "eval", seed: int = 0,
@@ -74,16 +75,31 @@ class DaliVideoLoader:
         self._probed: Dict[str, Tuple[str, int, int]] = {}  # path -> (codec, frames, rotation)
         self._bad: Dict[str, str] = {}  # path -> why it cannot be used
         if manifest:
-            from .prepare import read_manifest
-
-            for p, r in read_manifest(manifest).items():
-                if r["ok"]:
-                    self._probed[p] = (r["codec"], r["frames"], r.get("rotation") or 0)
-                else:
-                    self._bad[p] = f"marked unreadable in {manifest}: {r.get('error')}"
+            self._use_manifest(manifest)
         self._threads = ThreadPoolExecutor(max_workers=num_threads)
         self._copy_stream = None
         self._in_flight = False  # a scheduled batch whose output nobody has taken yet
+
+    def _use_manifest(self, manifest) -> None:
+        """Take codec, frame count and rotation from a ``prepare`` manifest instead of probing, for the
+        files that have not changed since (same size and modification time); a changed file is
+        probed again at run time, so a stale frame count never yields black clips marked valid."""
+        from .prepare import is_current, read_manifest
+
+        records = read_manifest(os.fspath(manifest))
+        stale = 0
+        for sample in self.dataset.samples:
+            r = records.find(sample.path, getattr(self.dataset, "root", None))
+            if r is None:
+                continue
+            if not is_current(r, sample.path):
+                stale += 1
+            elif r["ok"] and isinstance(r.get("codec"), str) and isinstance(r.get("frames"), int):
+                self._probed[sample.path] = (r["codec"], r["frames"], r.get("rotation") or 0)
+            elif not r["ok"]:
+                self._bad[sample.path] = f"marked unreadable in {records.path}: {r.get('error')}"
+        if stale:
+            log.warning("%d videos changed since %s was written: probing them again", stale, records.path)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -138,6 +154,10 @@ class DaliVideoLoader:
             raise
         except OSError as exc:
             self._bad[path] = f"cannot read the file ({exc})"
+            raise VideoDecodeError(path, self._bad[path]) from exc
+        except Exception as exc:  # noqa: BLE001 - whatever breaks on one file never ends the epoch
+            self._bad[path] = f"unexpected {type(exc).__name__}: {exc}"
+            log.debug("reading %s failed", path, exc_info=exc)
             raise VideoDecodeError(path, self._bad[path]) from exc
         return path, data, sample_indices(total, self.num_frames, self.mode, rng)
 

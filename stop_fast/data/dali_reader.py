@@ -10,7 +10,6 @@ refuses rotated files instead: ``stop-fast prepare --reencode-dir`` writes uprig
 from __future__ import annotations
 
 import functools
-import os
 import random
 from typing import Optional, Sequence
 

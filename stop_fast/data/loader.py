@@ -1,9 +1,10 @@
 """Batched clip loading on the CPU: torch DataLoader workers decoding with PyAV.
 
 Deterministic given a seed, reshuffled every epoch (``set_epoch``), sharded for DDP ranks with equal
-batch counts per rank, and robust to bad files: in training a file that fails is logged by name,
-counted, and replaced by another sample; in evaluation it comes back as a zero clip with
-``valid=False`` (as do the padding entries of the last, partial batch), so no epoch dies on one video.
+batch counts per rank, and robust to bad files: in training a file that fails (a
+``VideoDecodeError`` or any other exception while reading it) is logged by name, counted, and
+replaced by another sample; in evaluation it comes back as a zero clip with ``valid=False`` (as do
+the padding entries of the last, partial batch), so no epoch dies on one video.
 """
 from __future__ import annotations
 
@@ -68,14 +69,26 @@ class ClipDataset(Dataset):
                     clip = read_video_clip(sample.path, self.num_frames, self.size, self.mode,
                                            seed=rng.randrange(2**31), flip=flip)
                 return self._item(current, clip, True, failures)
-            except VideoDecodeError as exc:
+            except Exception as exc:  # noqa: BLE001 - one sample, whatever broke, never ends the epoch
                 failures += 1
-                log.warning("skipping %s (%s)", exc.path, exc.reason)
+                log_failure(log, sample.path, exc)
                 if self.mode != "train":
                     return self._item(current, empty, False, failures)
                 if failures > self.max_replacements:
                     raise VideoDecodeError(sample.path, f"{failures} videos in a row failed to decode; is the dataset readable?") from exc
                 current = rng.randrange(len(self.dataset))
+
+
+def log_failure(logger: logging.Logger, path: str, exc: BaseException) -> str:
+    """Log a sample that could not be read, by name; an unexpected error (not a
+    :class:`VideoDecodeError`) also gets its traceback at debug level. Returns the reason."""
+    if isinstance(exc, VideoDecodeError):
+        reason = exc.reason
+    else:
+        reason = f"unexpected {type(exc).__name__}: {exc}"
+        logger.debug("reading %s failed", path, exc_info=exc)
+    logger.warning("skipping %s (%s)", path, reason)
+    return reason
 
 
 class ShardedSampler(Sampler[int]):

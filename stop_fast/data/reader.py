@@ -56,7 +56,7 @@ def read_video_clip(
         except VideoDecodeError:  # a codec NVDEC lacks (MPEG-4 Part 2, ...): FFmpeg reads it, same draws
             rng = random.Random(seed)
     if frames is None:
-        frames = read_clip_pyav(path, num_frames, mode, rng)
+        frames = read_clip_pyav(path, num_frames, mode, rng, size=size)  # scaled while still uint8
     try:
         return resize_crop_normalise(frames, size, mode, rng, flip=flip and mode == "train")
     except ValueError as exc:

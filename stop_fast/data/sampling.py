@@ -1,11 +1,17 @@
 """Which frames of a video make a clip (SPEC.md "Tasks and losses": TSN in training, segment centres
-in evaluation). Pure functions of the frame count, testable without any video."""
+in evaluation), and the size the frames are scaled to. Pure functions, testable without any video."""
 from __future__ import annotations
 
 import random
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 MODES = ("train", "eval")
+
+
+def resized_shape(height: int, width: int, size: int) -> Tuple[int, int]:
+    """(height, width) of a frame whose short side is scaled to ``size``, the aspect ratio kept."""
+    scale = size / min(height, width)
+    return max(size, round(height * scale)), max(size, round(width * scale))
 
 
 def sample_indices(num_video_frames: int, num_frames: int, mode: str = "eval",

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..synthetic import clip_normalise
+from .sampling import resized_shape
 
 
 def resize_crop_normalise(frames: torch.Tensor, size: int, mode: str = "eval",
@@ -25,8 +26,7 @@ def resize_crop_normalise(frames: torch.Tensor, size: int, mode: str = "eval",
         raise ValueError(f"frames must be (T, H, W, 3), got {tuple(frames.shape)}")
     x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
+    new_h, new_w = resized_shape(h, w, size)
     if (new_h, new_w) != (h, w):
         x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     if position is not None:

@@ -44,7 +44,7 @@ def read_video_views(path: Union[str, os.PathLike], num_frames: int, size: int =
         raise VideoDecodeError(path, "the video stream holds no frames")
     clips = view_indices(total, num_frames, num_clips)
     wanted = sorted({i for clip in clips for i in clip})
-    frames, _ = decode_frames(path, wanted)
+    frames, _ = decode_frames(path, wanted, size)  # one common size, scaled while still uint8
     if len(frames) < len(wanted):
         raise VideoDecodeError(path, "some frames of the evaluation views did not decode")
     by_index = dict(zip(wanted, frames))
