@@ -18,9 +18,10 @@ setup(
         "safetensors",
         "tqdm",
         "numpy",
-        # PyAV reads video files: the first command a user runs must be able to. av 19 hangs processes
-        # forked after a decode (its frame-scaling thread pool), which DataLoader / prepare workers are.
-        "av>=12,<19",
+        # PyAV reads video files: the first command a user runs must be able to. The reader converts
+        # frames with its own single-threaded scaler, so workers forked after a decode do not hang on
+        # av 19's shared scaler pool (tests/test_data_fork.py); 14..19 are the releases tested.
+        "av>=14,<20",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],  # GPU (NVDEC) decoding
