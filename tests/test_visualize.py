@@ -66,11 +66,15 @@ def read_png(path):
     return np.round(img[..., :3] * 255).astype(np.uint8)
 
 
-def outlined_patches(img, layout, t, video=0):
+def outline_mask(img):
+    return np.all(img == np.round(np.asarray(OUTLINE_RGB) * 255).astype(np.uint8), axis=-1)
+
+
+def outlined_patches(red, layout, t, video=0):
     """Patches of frame t whose outline ring (OUTLINE_INSET px inside the border) is the outline colour.
 
-    Every ring must be all or nothing outline-coloured: a shifted or blurred outline fails here."""
-    red = np.all(img == np.round(np.asarray(OUTLINE_RGB) * 255).astype(np.uint8), axis=-1)
+    ``red``: the outline-coloured pixels of the image. Every ring must be all or nothing
+    outline-coloured: a shifted or blurred outline fails here."""
     found = set()
     for j in range(layout.grid ** 2):
         x0, y0, x1, y1 = layout.patch_box(video, 0, t, j)
@@ -89,8 +93,9 @@ def outlined_patches(img, layout, t, video=0):
 def check_outlines(png, layout, selected, video=0):
     img = read_png(png)
     assert img.shape[:2] == (layout.height, layout.width)
+    red = outline_mask(img)
     for t in range(len(selected)):
-        assert outlined_patches(img, layout, t, video) == {int(j) for j in selected[t]}, f"frame {t}"
+        assert outlined_patches(red, layout, t, video) == {int(j) for j in selected[t]}, f"frame {t}"
 
 
 def test_command_draws_the_patches_explain_selects(trained, square_video, tmp_path, capsys):
@@ -193,7 +198,7 @@ def test_switched_off_branches_leave_their_rows_out(k, rho, tmp_path):
     img = read_png(out)
     assert img.shape[:2] == (layout.height, layout.width)
     if k == 0:  # no selection, no outline anywhere
-        assert not np.all(img == (255, 0, 0), axis=-1).any()
+        assert not outline_mask(img).any()
     else:
         check_outlines(out, layout, details["selected"])
 
@@ -256,6 +261,11 @@ def test_bad_checkpoints_give_one_line_errors(trained, square_video, tmp_path, c
     meta = {"stop_config": json.dumps(model.config.to_dict())}
     save_file({"conv_intra.conv.weight": torch.zeros(3)}, wrong, metadata=meta)
     one_line_error(capsys, base + [str(wrong)], "wrong.safetensors")
+    # a checkpoint trained on a backbone weights file cannot be shown over random backbone weights
+    needs = tmp_path / "needs_weights.safetensors"
+    save_file(model.trainable_state_dict(), needs, metadata={
+        **meta, "backbone": json.dumps({"model_name": "stop-tiny", "gelu": "quick", "weights": "clip.pt"})})
+    one_line_error(capsys, ["visualize", square_video, "--out", out, "--checkpoint", str(needs)], "clip.pt", "--weights")
     # flags that contradict the checkpoint
     one_line_error(capsys, base + [folder, "--k", "3"], "--k 3", "k = 6")
     one_line_error(capsys, base + [folder, "--model", "ViT-B-32"], "--model", "stop-tiny")

@@ -42,7 +42,7 @@ def run(args) -> int:
         existing_file(args.weights, "--weights")
     if args.frames is not None and args.frames < 1:
         raise CLIError(f"--frames must be >= 1, got {args.frames}")
-    prompts, stored = resolve_checkpoint(args.checkpoint) if args.checkpoint else (None, {})
+    prompts, stored, backbone = resolve_checkpoint(args.checkpoint) if args.checkpoint else (None, {}, {})
     config = _config(args, stored)
     _check_format(args.out)
     device = resolve_device(args.device)
@@ -53,8 +53,8 @@ def run(args) -> int:
     from ..data import read_video_clip
     from ..visualize import VideoExplanation, clip_to_rgb, draw_explanations, explain_clip, explanation_html
 
-    torch.manual_seed(args.seed)  # random backbone or prompt weights: the same figure every run
-    model = build_stop(config, weights=args.weights, device=device)
+    torch.manual_seed(args.seed)  # random prompt (and backbone) weights: the same figure every run
+    model = build_stop(config, weights=args.weights, device=device, **_backbone_arguments(args, backbone))
     if prompts:
         try:
             model.load_prompts(prompts)
@@ -83,7 +83,8 @@ def run(args) -> int:
 
 
 def resolve_checkpoint(path: str):
-    """``--checkpoint`` -> (prompt weights file, the STOPConfig fields stored in it)."""
+    """``--checkpoint`` -> (prompt weights file, the STOPConfig fields stored in it, the description of
+    the backbone it was trained on, ``{}`` for files that do not record one)."""
     from ..cli import CLIError
 
     if os.path.isdir(path):
@@ -112,7 +113,33 @@ def resolve_checkpoint(path: str):
             raise ValueError("not a JSON object")
     except ValueError as exc:
         raise CLIError(f"--checkpoint {file}: unreadable STOP configuration in its metadata ({exc})") from None
-    return file, stored
+    try:
+        backbone = json.loads(meta.get("backbone", "{}"))
+    except ValueError:
+        backbone = None
+    if not isinstance(backbone, dict):
+        raise CLIError(f"--checkpoint {file}: unreadable backbone description in its metadata")
+    return file, stored, backbone
+
+
+def _backbone_arguments(args, backbone: dict) -> dict:
+    """``load_clip`` keywords that rebuild the backbone a checkpoint was trained on (GELU flavour, and
+    the seed of random weights); a checkpoint trained on a weights file needs that file."""
+    import inspect
+
+    from ..backbone import load_clip
+    from ..cli import CLIError
+
+    kwargs = {}
+    if backbone.get("gelu") in ("quick", "erf"):
+        kwargs["quick_gelu"] = backbone["gelu"] == "quick"
+    if backbone.get("weights") and not args.weights:
+        raise CLIError(f"--checkpoint {args.checkpoint} was trained on the backbone weights {backbone['weights']}; "
+                       "pass that file with --weights")
+    seed = backbone.get("random_seed")
+    if not args.weights and "seed" in inspect.signature(load_clip).parameters:
+        kwargs["seed"] = seed if isinstance(seed, int) else args.seed
+    return kwargs
 
 
 def _config(args, stored: dict):
