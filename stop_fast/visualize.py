@@ -25,6 +25,7 @@ import dataclasses
 import html
 import inspect
 import math
+import textwrap
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
@@ -49,7 +50,7 @@ _MIN_PATCH = 8  # px per patch at least, so an outline leaves the patch's centre
 _GAP = 6
 _LEFT = 118  # row labels
 _RIGHT = 78  # colour bars and their ticks
-_TOP = 58  # the figure's title
+_TOP = 96  # the figure's title, its settings and which weights made it (two lines)
 _VIDEO_TITLE = 30
 _HEADER = 20  # frame numbers above a row of panels
 _CHUNK_GAP = 16  # extra space between the rows of a wrapped long clip
@@ -57,6 +58,7 @@ _BAR_HEIGHT = 150
 _BAR_PAD_TOP = 46
 _BAR_PAD_BOTTOM = 44
 _BOTTOM = 10
+_MIN_WIDTH = 900
 
 
 # --------------------------------------------------------------------------- inputs
@@ -147,7 +149,7 @@ def figure_layout(num_frames: int, grid: int, *, maps: bool = True, bars: bool =
     columns = math.ceil(num_frames / chunks)
     rows = 1 + (len(MAPS) if maps else 0)
     strip = columns * (panel + _GAP) - _GAP
-    width = _LEFT + strip + _RIGHT
+    width = max(_LEFT + strip + _RIGHT, _MIN_WIDTH)  # short clips: room for the titles and the legend
     panels, colorbars, bar_boxes, titles, headers = {}, {}, {}, {}, {}
     y = _TOP
     for v in range(num_videos):
@@ -204,11 +206,14 @@ def draw_explanations(videos: Sequence[VideoExplanation], config, *, subtitle: s
     fig = Figure(figsize=(layout.width / DPI, layout.height / DPI), dpi=DPI, facecolor="white")
 
     head = "STOP: selected patches and inter-frame prompt counts per frame" if len(videos) > 1 else videos[0].title
-    fig.text(_LEFT / layout.width, 1 - 12 / layout.height, head, fontsize=14, fontweight="bold", va="top")
-    line2 = f"K = {config.k}    \u03b1 = {config.alpha:g}    \u03c1 = {config.rho}    T = {num_frames}"
-    if subtitle:
-        line2 = f"{subtitle}    {line2}"
-    fig.text(_LEFT / layout.width, 1 - 36 / layout.height, line2, fontsize=10.5, va="top", color="0.2")
+    _text(fig, layout, _LEFT, 12, head, fontsize=14, fontweight="bold")
+    settings = (f"{config.model_name}    K = {config.k}    \u03b1 = {config.alpha:g}    \u03c1 = {config.rho}    "
+                f"T = {num_frames}")
+    _text(fig, layout, _LEFT, 36, settings, fontsize=10.5, color="0.15")
+    if subtitle:  # which weights: at most two lines, so the layout never depends on the text
+        chars = max(40, int((layout.width - _LEFT - 10) / 6.6))
+        lines = textwrap.wrap(subtitle, chars, max_lines=2, placeholder=" ...")
+        _text(fig, layout, _LEFT, 56, "\n".join(lines), fontsize=9.5, color="0.3", linespacing=1.4)
 
     # Every panel goes onto one canvas shown pixel for pixel: outlines land on exact pixels, and one
     # image draws far faster than hundreds of axes.

@@ -1,5 +1,7 @@
 """`stop-fast visualize` and stop_fast.visualize: the saved figure shows exactly what STOP.explain computes."""
+import inspect
 import json
+import warnings
 
 import av
 import numpy as np
@@ -7,6 +9,7 @@ import pytest
 import torch
 from matplotlib.image import imread
 
+from stop_fast import STOP, STOPConfig, load_clip
 from stop_fast.cli import main
 from stop_fast.commands.visualize import PROMPTS_FILE
 from stop_fast.data import read_video_clip
@@ -49,15 +52,31 @@ def square_video(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Files a user would hold: backbone weights, and a checkpoint folder with non-trivial prompt weights."""
+    """Files a user would hold: backbone weights, and a checkpoint folder with non-trivial prompt weights
+    trained over them. Returns ``(model_for, backbone file, checkpoint folder)``; ``model_for(T)`` is the
+    checkpoint's model for T frames, built from the files as the command builds it."""
     root = tmp_path_factory.mktemp("checkpoint")
     backbone = root / "backbone.pt"
     torch.save(clip_model("stop-tiny").state_dict(), backbone)
-    model = make_stop("stop-tiny", randomize=True, seed=5, num_frames=6)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_clip("stop-tiny", backbone)  # the prompt file records these backbone weights
     folder = root / "run"
     folder.mkdir()
+
+    def model_for(num_frames):
+        return STOP(STOPConfig(model_name="stop-tiny", num_frames=num_frames), clip).eval()
+
+    model = model_for(6)
+    model.load_trainable_state_dict(make_stop("stop-tiny", randomize=True, seed=5).trainable_state_dict())
     model.save_prompts(folder / PROMPTS_FILE)
-    return model, str(backbone), str(folder)
+
+    def loaded(num_frames):
+        m = model_for(num_frames)
+        m.load_prompts(folder / PROMPTS_FILE)
+        return m
+
+    return loaded, str(backbone), str(folder)
 
 
 def read_png(path):
@@ -99,14 +118,15 @@ def check_outlines(png, layout, selected, video=0):
 
 
 def test_command_draws_the_patches_explain_selects(trained, square_video, tmp_path, capsys):
-    model, backbone, folder = trained
+    model_for, backbone, folder = trained
+    model = model_for(6)
     out = tmp_path / "fig.png"
     rc = main(["visualize", square_video, "--weights", backbone, "--checkpoint", folder, "--out", str(out),
                "--html", "--device", "cpu"])
     assert rc == 0, capsys.readouterr().err
     # the same clip through the same model, computed here
     clip = read_video_clip(square_video, 6, size=SIZE, mode="eval")
-    details = explain_clip(model.eval(), clip)
+    details = explain_clip(model, clip)
     layout = figure_layout(6, 7)
     assert layout.width > 6 * layout.panel and layout.patch * 7 == layout.panel
     check_outlines(out, layout, details["selected"])
@@ -204,16 +224,15 @@ def test_switched_off_branches_leave_their_rows_out(k, rho, tmp_path):
 
 
 def test_several_videos_in_one_figure(trained, square_video, tmp_path):
-    model, backbone, folder = trained
+    model_for, backbone, folder = trained
     other = write_clip(tmp_path / "other.mp4", moving_square(10, 80, direction=1, generator=torch.Generator().manual_seed(9)))
     out = tmp_path / "two.png"
     assert main(["visualize", square_video, other, "--weights", backbone, "--checkpoint",
                  f"{folder}/{PROMPTS_FILE}", "--frames", "5", "--out", str(out), "--device", "cpu"]) == 0
     layout = figure_layout(5, 7, num_videos=2)
-    model = make_stop("stop-tiny", num_frames=5)
-    model.load_prompts(f"{folder}/{PROMPTS_FILE}")
+    model = model_for(5)
     for v, path in enumerate([square_video, other]):
-        details = explain_clip(model.eval(), read_video_clip(path, 5, size=SIZE, mode="eval"))
+        details = explain_clip(model, read_video_clip(path, 5, size=SIZE, mode="eval"))
         check_outlines(out, layout, details["selected"], video=v)
 
 
@@ -243,7 +262,8 @@ def test_bad_paths_give_one_line_errors(square_video, tmp_path, capsys):
 def test_bad_checkpoints_give_one_line_errors(trained, square_video, tmp_path, capsys):
     from safetensors.torch import save_file
 
-    model, backbone, folder = trained
+    model_for, backbone, folder = trained
+    model = model_for(6)
     out = str(tmp_path / "f.png")
     base = ["visualize", square_video, "--out", out, "--weights", backbone, "--device", "cpu", "--checkpoint"]
     one_line_error(capsys, base + [str(tmp_path / "nothing")], "--checkpoint", "no such file or folder")
@@ -269,3 +289,24 @@ def test_bad_checkpoints_give_one_line_errors(trained, square_video, tmp_path, c
     # flags that contradict the checkpoint
     one_line_error(capsys, base + [folder, "--k", "3"], "--k 3", "k = 6")
     one_line_error(capsys, base + [folder, "--model", "ViT-B-32"], "--model", "stop-tiny")
+
+
+@pytest.mark.skipif("impl" not in inspect.signature(STOP.explain).parameters,
+                    reason="STOP.explain has no impl argument in this tree")
+def test_fast_path_explains_the_same_patches(tmp_path):
+    model = make_stop("stop-tiny", randomize=True, seed=7, num_frames=4)
+    clip = moving_square(4, SIZE, direction=1, generator=torch.Generator().manual_seed(2))
+    reference = explain_clip(model, clip, impl="reference")
+    fast = explain_clip(model, clip, impl="fast")
+    top = np.sort(reference["score"], axis=-1)[:, ::-1]
+    clear = top[:, model.config.k - 1] - top[:, model.config.k] > 1e-5  # SPEC: near-ties may go either way
+    assert clear.sum() >= 2
+    np.testing.assert_array_equal(fast["selected"][clear], reference["selected"][clear])
+    np.testing.assert_allclose(fast["score"], reference["score"], rtol=1e-4, atol=1e-6)
+    scaled = model.config.rho * reference["variation"]
+    away = np.abs(scaled - np.round(scaled)) > 1e-5
+    np.testing.assert_array_equal(fast["counts"][away], reference["counts"][away])
+    fig = draw_explanation(clip_to_rgb(clip), fast, model.config)
+    out = tmp_path / "fast.png"
+    fig.savefig(out, dpi=fig.dpi)
+    check_outlines(out, fig.stop_fast_layout, fast["selected"])
