@@ -54,7 +54,8 @@ def run(args) -> int:
     from ..visualize import VideoExplanation, clip_to_rgb, draw_explanations, explain_clip, explanation_html
 
     torch.manual_seed(args.seed)  # random prompt (and backbone) weights: the same figure every run
-    model = build_stop(config, weights=args.weights, device=device, **_backbone_arguments(args, backbone))
+    clip_kwargs = _backbone_arguments(args, backbone)
+    model = build_stop(config, weights=args.weights, device=device, **clip_kwargs)
     if prompts:
         try:
             model.load_prompts(prompts)
@@ -68,7 +69,7 @@ def run(args) -> int:
         details = explain_clip(model, clip, impl=args.impl)
         videos.append(VideoExplanation(os.path.basename(path), clip_to_rgb(clip), details))
 
-    subtitle = _describe(args, prompts, config)
+    subtitle = _describe(args, prompts, config, clip_kwargs.get("seed"))
     fig = draw_explanations(videos, config, subtitle=subtitle)
     fig.savefig(args.out, dpi=fig.dpi, facecolor="white")
     layout = fig.stop_fast_layout
@@ -126,6 +127,7 @@ def _backbone_arguments(args, backbone: dict) -> dict:
     """``load_clip`` keywords that rebuild the backbone a checkpoint was trained on (GELU flavour, and
     the seed of random weights); a checkpoint trained on a weights file needs that file."""
     import inspect
+    import warnings
 
     from ..backbone import load_clip
     from ..cli import CLIError
@@ -139,6 +141,9 @@ def _backbone_arguments(args, backbone: dict) -> dict:
     seed = backbone.get("random_seed")
     if not args.weights and "seed" in inspect.signature(load_clip).parameters:
         kwargs["seed"] = seed if isinstance(seed, int) else args.seed
+    if backbone and not args.weights and not backbone.get("weights") and seed is None and not backbone.get("unknown"):
+        warnings.warn(f"--checkpoint {args.checkpoint} was trained on unseeded random backbone weights, which "
+                      "cannot be rebuilt: the figure shows the prompts over other random weights", stacklevel=2)
     return kwargs
 
 
@@ -176,8 +181,11 @@ def _check_format(path: str) -> None:
         raise CLIError(f"--out {path}: unknown image format {suffix!r}; use one of .png, .pdf, .svg, .jpg")
 
 
-def _describe(args, prompts, config) -> str:
-    backbone = os.path.basename(args.weights) if args.weights else "random weights"
+def _describe(args, prompts, config, seed) -> str:
+    if args.weights:
+        backbone = os.path.basename(args.weights)
+    else:
+        backbone = "random weights" + (f", seed {seed}" if seed is not None else "")
     checkpoint = f"checkpoint {args.checkpoint}" if prompts else "prompts: random weights (no checkpoint)"
     return f"{checkpoint}    backbone: {config.model_name} ({backbone})    impl: {args.impl}"
 
