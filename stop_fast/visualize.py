@@ -38,10 +38,10 @@ HEATMAP_OPACITY = 0.6  # the frame stays visible beneath the heatmap
 MAX_COLUMNS = 16  # frames per row of the figure; longer clips wrap
 DPI = 100
 
-MAPS = (  # explain() key, row label, colour-bar label
-    ("attention", "attention A", "A"),
-    ("dynamics", "dynamics Dyn", "Dyn"),
-    ("score", "score S", "S"),
+MAPS = (  # explain() key and row label of the heatmap rows, top to bottom
+    ("attention", "attention A\n(CLS, block 1)"),
+    ("dynamics", "temporal\ndynamics Dyn"),
+    ("score", "score S =\n(1-\u03b1)A + \u03b1Dyn\n\u03b1 = {alpha:g}"),
 )
 
 # Pixel geometry of the figure (the figure is laid out in whole pixels, see `figure_layout`)
@@ -237,10 +237,7 @@ def _draw_video(fig, canvas: np.ndarray, layout: Layout, v: int, video: VideoExp
     shown = _resize(video.frames, layout.panel)  # (T, P, P, 3)
     grey = shown.mean(axis=-1, keepdims=True) * np.ones(3)
     counts = d.get("counts")
-    chunk_of = {}
-    for (vv, chunk), y in layout.chunk_headers.items():
-        if vv == v:
-            chunk_of[chunk] = y
+    chunks = [chunk for (vv, chunk) in layout.chunk_headers if vv == v]  # rows of a wrapped long clip
 
     # frame numbers above each column (and the tokens it receives)
     for t in range(num_frames):
@@ -257,7 +254,7 @@ def _draw_video(fig, canvas: np.ndarray, layout: Layout, v: int, video: VideoExp
             for j in d["selected"][t]:
                 _outline(img, layout, int(j))
         _paste(canvas, layout, layout.panels[(v, 0, t)], img)
-    for chunk in chunk_of:
+    for chunk in chunks:
         y = layout.panels[(v, 0, chunk * layout.columns)][1]
         label = f"frame, top-{config.k}\npatches (red)" if config.k > 0 else "frame\n(K = 0: no\nintra prompts)"
         _row_label(fig, layout, y, label)
@@ -265,7 +262,7 @@ def _draw_video(fig, canvas: np.ndarray, layout: Layout, v: int, video: VideoExp
     # rows 1..3: the maps as heatmaps over the frame, one colour scale per map across all frames
     if config.k > 0:
         cmap = colormaps[HEATMAP_CMAP]
-        for row, (key, label, short) in enumerate(MAPS, start=1):
+        for row, (key, label) in enumerate(MAPS, start=1):
             values = d[key]  # (T, N)
             norm = Normalize(vmin=float(values.min()), vmax=float(values.max()))
             if norm.vmax <= norm.vmin:
@@ -275,9 +272,9 @@ def _draw_video(fig, canvas: np.ndarray, layout: Layout, v: int, video: VideoExp
                 heat = np.repeat(np.repeat(heat, layout.patch, axis=0), layout.patch, axis=1)
                 img = (1 - HEATMAP_OPACITY) * grey[t] + HEATMAP_OPACITY * heat
                 _paste(canvas, layout, layout.panels[(v, row, t)], img)
-            for chunk in chunk_of:
+            for chunk in chunks:
                 y = layout.panels[(v, row, chunk * layout.columns)][1]
-                _row_label(fig, layout, y, _MAP_LABELS[key].format(alpha=config.alpha))
+                _row_label(fig, layout, y, label.format(alpha=config.alpha))
                 x, cy, w, h = layout.colorbars[(v, chunk, row)]
                 cax = fig.add_axes(_rect(layout, x, cy, w, h))
                 bar = fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=cax)
@@ -288,13 +285,6 @@ def _draw_video(fig, canvas: np.ndarray, layout: Layout, v: int, video: VideoExp
     # below: frame variation v^_t and inter-frame tokens n_t, on aligned axes (v^ = 1 <-> n = rho)
     if config.rho > 0:
         _bar_chart(fig, layout, v, d["variation"], counts, config.rho)
-
-
-_MAP_LABELS = {
-    "attention": "attention A\n(CLS, block 1)",
-    "dynamics": "temporal\ndynamics Dyn",
-    "score": "score S =\n(1-\u03b1)A + \u03b1Dyn\n\u03b1 = {alpha:g}",
-}
 
 
 def _bar_chart(fig, layout: Layout, v: int, variation: np.ndarray, counts: np.ndarray, rho: int) -> None:
