@@ -18,6 +18,7 @@ COMMANDS = {
     "encode": ("encode", "embed a video file or a generated clip and print the embedding"),
     "prepare": ("prepare", "probe a dataset's videos into a manifest; optionally re-encode them"),
     "info": ("info", "show model sizes and trainable parameter counts for a configuration"),
+    "visualize": ("visualize", "draw the patches, maps and prompt counts STOP computes for videos"),
     "convert-weights": ("convert_weights", "convert a CLIP weights file once to safetensors (tensors only, no code)"),
 }
 
