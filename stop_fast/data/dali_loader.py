@@ -85,9 +85,10 @@ class DaliVideoLoader:
         self._copy_stream = None
         self._in_flight = False  # a scheduled batch whose output nobody has taken yet
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """``start_batch``: skip this epoch's first batches (resuming a run where it stopped)."""
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
