@@ -10,12 +10,13 @@ import av
 import numpy as np
 
 DIRECTIONS = ("right", "left", "down", "up")
+COLOURS = ((255, 60, 60), (60, 255, 60), (60, 60, 255), (255, 255, 60))  # one per class: easy to memorise
 
 
 def write_clip(path: str, direction: int, seed: int, num_frames: int = 8, size: int = 48) -> str:
     rng = np.random.default_rng(seed)
     background = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
-    colour = rng.integers(150, 256, size=3, dtype=np.uint8)
+    colour = np.asarray(COLOURS[direction], dtype=np.uint8)
     side = size // 3
     travel = size - side
     start = int(rng.integers(0, travel + 1))
