@@ -125,7 +125,8 @@ def _flag_message(message: str, flags: Dict, config_file) -> str:
     return message
 
 
-def print_metrics(metrics: Dict, file=sys.stdout) -> None:
+def print_metrics(metrics: Dict, file=None) -> None:
+    file = file or sys.stdout
     rows = [(k[4:], v) for k, v in metrics.items() if k.startswith("val_")]
     if not rows:
         return

@@ -197,15 +197,17 @@ class TrainConfig:
         return out
 
     @classmethod
-    def from_dict(cls, values: Dict[str, Any], source: str = "config") -> "TrainConfig":
+    def from_dict(cls, values: Dict[str, Any], source: Optional[str] = None) -> "TrainConfig":
+        """``source`` (a file name) prefixes error messages."""
+        prefix = f"{source}: " if source else ""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"{prefix}unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         try:
             return cls(**values)
         except ValueError as exc:
-            raise ValueError(f"{source}: {exc}") from None
+            raise ValueError(f"{prefix}{exc}") from None
 
 
 def read_toml(path: str) -> Dict[str, Any]:
@@ -230,9 +232,8 @@ def read_toml(path: str) -> Dict[str, Any]:
 def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
     """TrainConfig from a TOML file, then ``overrides`` (those that are not None) on top."""
     values = read_toml(path) if path else {}
-    source = path or "config"
     values.update({k: v for k, v in overrides.items() if v is not None})
-    return TrainConfig.from_dict(values, source=source)
+    return TrainConfig.from_dict(values, source=path)
 
 
 def _check_int(name: str, value, low: int) -> None:

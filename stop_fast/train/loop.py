@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -188,6 +189,13 @@ def build_loader(config: TrainConfig, dataset, mode: str, info: distributed.Dist
                        num_clips=views[0], num_crops=views[1])
 
 
+def eval_batch_per_rank(global_batch: int, world_size: int, size: Optional[int] = None) -> int:
+    """The evaluation loaders pad each rank's share to whole batches, so a batch larger than that
+    share would only encode padding."""
+    per_rank = math.ceil(global_batch / world_size)
+    return per_rank if size is None else max(1, min(per_rank, math.ceil(size / world_size)))
+
+
 def build_task(config: TrainConfig, model, train_set, val_set, autocast, world_size: int):
     from .tasks import RecognitionTask, RetrievalTask, class_list
 
@@ -326,7 +334,7 @@ class _TqdmHandler(logging.StreamHandler):
         try:
             from tqdm import tqdm
 
-            tqdm.write(self.format(record))
+            tqdm.write(self.format(record), file=sys.stderr)
         except Exception:  # noqa: BLE001 - logging must never break the run
             self.handleError(record)
 
@@ -356,7 +364,6 @@ class _Trainer:
             raise ValueError(f"batch_size {c.batch_size} must be a multiple of world size x accumulation "
                              f"({info.world_size} x {c.accumulation})")
         self.micro_batch = c.batch_size // per_step
-        self.eval_batch = math.ceil(c.eval_batch_size / info.world_size)
         if c.resume not in (None, "auto") and not os.path.isfile(c.resume):
             raise FileNotFoundError(f"resume: checkpoint not found: {c.resume}")
         os.makedirs(c.out, exist_ok=True)
@@ -381,10 +388,14 @@ class _Trainer:
             self.val_labels = self.task.labels_for(val_set) if self.task.name == "recognition" else None
             self.encoder = make_encoder(self.model, c.impl, c.compile)
             size = self.model.image_size
+            self.eval_batch = eval_batch_per_rank(c.eval_batch_size, info.world_size, len(val_set))
             self.val_loader = build_loader(c, val_set, "eval", info, self.device, size, self.eval_batch)
             self.views = c.eval_clips * c.eval_crops
             if not c.trains_anything:
                 return self._evaluate_only()
+            if math.ceil(len(train_set) / info.world_size) < self.micro_batch:  # the loader would shorten batches
+                raise ValueError(f"batch_size {c.batch_size}: the training split has {len(train_set)} videos, "
+                                 f"fewer than one batch of {self.micro_batch} per rank needs; lower batch_size")
             self.train_loader = build_loader(c, train_set, "train", info, self.device, size, self.micro_batch)
             self.steps_per_epoch = len(self.train_loader) // c.accumulation
             if self.steps_per_epoch == 0:
@@ -667,7 +678,7 @@ def evaluate(config: TrainConfig, checkpoint: Optional[str] = None, *, zero_shot
         labels = task.labels_for(val_set) if task.name == "recognition" else None
         encoder = make_encoder(model, config.impl, config.compile)
         loader = build_loader(config, val_set, "eval", info, device, model.image_size,
-                              math.ceil(config.eval_batch_size / info.world_size))
+                              eval_batch_per_rank(config.eval_batch_size, info.world_size, len(val_set)))
         loader.set_epoch(0)
         metrics = run_evaluation(encoder, loader, task, val_set, labels, info, device, autocast,
                                  config.eval_clips * config.eval_crops)
