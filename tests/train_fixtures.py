@@ -13,7 +13,8 @@ DIRECTIONS = ("right", "left", "down", "up")
 COLOURS = ((255, 60, 60), (60, 255, 60), (60, 60, 255), (255, 255, 60))  # one per class: easy to memorise
 
 
-def write_clip(path: str, direction: int, seed: int, num_frames: int = 8, size: int = 48) -> str:
+def write_clip(path: str, direction: int, seed: int, num_frames: int = 8, size: int = 48, codec: str = "mpeg4") -> str:
+    """``codec``: mpeg4 (PyAV only on a CPU) or libvpx-vp9 (DALI's CPU decoder reads it too)."""
     rng = np.random.default_rng(seed)
     background = rng.integers(0, 90, size=(size, size, 3), dtype=np.uint8)
     colour = np.asarray(COLOURS[direction], dtype=np.uint8)
@@ -21,10 +22,10 @@ def write_clip(path: str, direction: int, seed: int, num_frames: int = 8, size: 
     travel = size - side
     start = int(rng.integers(0, travel + 1))
     with av.open(path, mode="w") as container:
-        stream = container.add_stream("mpeg4", rate=8)
+        stream = container.add_stream(codec, rate=8)
         stream.width = stream.height = size
         stream.pix_fmt = "yuv420p"
-        stream.options = {"qscale": "2"}
+        stream.options = {"qscale": "2"} if codec == "mpeg4" else {"crf": "10", "b:v": "0", "g": "4"}
         for t in range(num_frames):
             img = background.copy()
             step = round(travel * t / max(1, num_frames - 1))
@@ -46,7 +47,8 @@ def write_clip(path: str, direction: int, seed: int, num_frames: int = 8, size: 
 
 
 def make_dataset(root: str, per_class: int = 2, classes: int = 2, splits: Sequence[str] = ("train", "val"),
-                 task: str = "recognition", num_frames: int = 8, corrupt: Optional[str] = None) -> str:
+                 task: str = "recognition", num_frames: int = 8, corrupt: Optional[str] = None,
+                 codec: str = "mpeg4") -> str:
     """Clips under ``root/videos`` and ``root/<split>.csv`` for each split (the same clips in every split,
     so a model that memorises the training set scores on the evaluation split). ``corrupt``: also list
     a garbage file of that name in the training split."""
@@ -54,8 +56,8 @@ def make_dataset(root: str, per_class: int = 2, classes: int = 2, splits: Sequen
     rows: List[dict] = []
     for c in range(classes):
         for i in range(per_class):
-            name = f"videos/{DIRECTIONS[c]}_{i}.mp4"
-            write_clip(os.path.join(root, name), c, seed=100 * c + i, num_frames=num_frames)
+            name = f"videos/{DIRECTIONS[c]}_{i}." + ("mp4" if codec == "mpeg4" else "webm")
+            write_clip(os.path.join(root, name), c, seed=100 * c + i, num_frames=num_frames, codec=codec)
             if task == "recognition":
                 rows.append({"path": name, "label": DIRECTIONS[c]})
             else:
