@@ -238,3 +238,52 @@ def test_one_optimiser_step_changes_only_trainable_parameters():
     assert not torch.equal(after["prompter_intra.up.weight"], before["prompter_intra.up.weight"])
     assert not torch.equal(after["prompter_inter.up.weight"], before["prompter_inter.up.weight"])
     assert {id(p) for g in optimizer.param_groups for p in g["params"]} == {id(p) for p in params}
+
+
+# ---------------------------------------------------------------------------------------------- evaluation plumbing
+def test_encode_loader_averages_views_and_restores_dataset_order():
+    """Batches arrive sharded and padded (index -1), with failed videos marked invalid; multi-view
+    batches (B, views, T, ...) are encoded view by view and averaged, then L2-normalised."""
+    import contextlib
+
+    from stop_fast.train import distributed
+    from stop_fast.train.loop import encode_loader
+
+    gen = torch.Generator().manual_seed(0)
+    views, size = 3, 5
+    videos = torch.randn(size, views, 2, 3, 4, 4, generator=gen)
+    weight = torch.randn(3 * 4 * 4, 6, generator=gen)
+
+    def encoder(video):  # (N, T, 3, 4, 4) -> (N, 6), normalised like encode_video
+        return torch.nn.functional.normalize(video.mean(1).flatten(1) @ weight, dim=-1)
+
+    order = [3, 0, 4, 1, 2, -1]  # a shuffled dataset and one padding entry
+    batches = []
+    for k in range(0, len(order), 2):
+        idx = torch.tensor(order[k : k + 2])
+        video = torch.stack([videos[i] if i >= 0 else torch.zeros_like(videos[0]) for i in idx.tolist()])
+        batches.append({"video": video, "index": idx, "valid": (idx >= 0) & (idx != 4)})
+    features, valid = encode_loader(encoder, batches, size, distributed.Dist(), torch.device("cpu"),
+                                    contextlib.nullcontext, views=views)
+    for i in range(size):
+        expected = torch.nn.functional.normalize(encoder(videos[i]).mean(0), dim=-1)
+        torch.testing.assert_close(features[i], expected)
+    assert valid.tolist() == [True, True, True, True, False]
+
+
+def test_retrieval_evaluation_leaves_out_undecodable_videos_and_their_captions():
+    from stop_fast.train.tasks import Captions, RetrievalTask
+
+    gen = torch.Generator().manual_seed(0)
+    videos = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    caps = Captions.__new__(Captions)
+    caps.counts = torch.tensor([2, 1, 1])  # video 0 has two captions
+    caps.offsets = torch.tensor([0, 2, 3])
+    caps.features = torch.nn.functional.normalize(torch.randn(4, 8, generator=gen), dim=-1)
+    task = RetrievalTask.__new__(RetrievalTask)
+    task.val_captions = caps
+    valid = torch.tensor([True, False, True])
+    got = task.evaluate(videos, valid)
+    keep = [0, 1, 3]  # the captions of videos 0 and 2
+    expected = retrieval_metrics(caps.features[keep] @ videos[[0, 2]].T, torch.tensor([0, 0, 1]))
+    assert got == expected

@@ -501,7 +501,8 @@ class _Trainer:
         latest = ckpt.latest(self.ckpt_dir)
         if interrupted is not None:
             prompts = ckpt.paths_for(self.ckpt_dir, self.step)["prompts"]
-            log.warning("stopped (%s) at step %d; continue with resume='auto' (--resume auto)", interrupted, self.step)
+            log.log(logging.INFO if interrupted == "stop_after_steps" else logging.WARNING,
+                    "stopped (%s) at step %d; continue with resume='auto' (--resume auto)", interrupted, self.step)
         return {**self.metrics, "checkpoint": prompts,
                 "training_checkpoint": latest, "out": c.out, "steps": self.step, "interrupted": interrupted,
                 "skipped_videos": failures}
