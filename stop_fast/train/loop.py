@@ -34,7 +34,7 @@ from torch import nn
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import TrainConfig
+from .config import LOGIT_SCALE, TrainConfig
 from .records import MetricsLog, plot_curves, write_json
 
 log = logging.getLogger("stop_fast.train")
@@ -143,6 +143,11 @@ def build_datasets(config: TrainConfig, need_train: bool = True):
     train_split, val_split = config.splits
     train_set = one(train_split, config.train_list) if need_train else None
     val_set = one(val_split, config.val_list)
+    if val_set.task == "retrieval":  # a video without a caption can neither train nor be retrieved
+        from .tasks import drop_captionless
+
+        train_set = drop_captionless(train_set)[0] if train_set is not None else None
+        val_set = drop_captionless(val_set)[0]
     for ds in (train_set, val_set):
         if ds is not None and not ds.samples:
             raise ValueError(f"the {config.dataset} {ds.split} split lists no videos")
@@ -378,10 +383,6 @@ class _Trainer:
             torch.manual_seed(c.seed)
             self.autocast = autocast_for(self.device, c.precision)
             train_set, val_set = build_datasets(c)
-            if val_set.task == "retrieval":
-                from .tasks import drop_captionless
-
-                train_set, _ = drop_captionless(train_set)
             self.train_set, self.val_set = train_set, val_set
             self.model = build_model(c, self.device)
             self.model.eval()  # no dropout anywhere; the backbone is frozen
@@ -414,7 +415,7 @@ class _Trainer:
         record.update({
             "task": self.task.name, "world_size": self.info.world_size, "micro_batch_per_rank": self.micro_batch,
             "steps_per_epoch": getattr(self, "steps_per_epoch", 0), "total_steps": getattr(self, "total_steps", 0),
-            "logit_scale": 100.0, "stop_config": self.model.config.to_dict(),
+            "logit_scale": LOGIT_SCALE, "stop_config": self.model.config.to_dict(),
             "trainable_parameters": sum(p.numel() for p in self.model.trainable_parameters()),
             "train_videos": len(self.train_set), "val_videos": len(self.val_set),
             "stop_fast": stop_fast.__version__, "torch": torch.__version__,
