@@ -104,7 +104,7 @@ def _mismatched_prompts(tmp_path):
      "fewer than one batch"),
     (lambda t, r: ["eval", "--checkpoint", str(t / "none"), *data_flags(r)], "--checkpoint"),
     (lambda t, r: ["eval", "--checkpoint", _corrupt_prompts(t), *data_flags(r)], "not a readable prompts file"),
-    (lambda t, r: ["eval", "--checkpoint", _mismatched_prompts(t), *data_flags(r)], "conv_intra"),
+    (lambda t, r: ["eval", "--checkpoint", _mismatched_prompts(t), *data_flags(r)], "other.safetensors"),
     (lambda t, r: ["predict", os.path.join(r, "videos", "right_0.mp4"), "--zero-shot", "--classes", "one"], "at least two"),
     (lambda t, r: ["predict", str(t / "no.mp4"), "--zero-shot", "--text", "x"], "no.mp4"),
     (lambda t, r: ["predict", os.path.join(r, "videos", "right_0.mp4"), "--zero-shot", "--classes", str(t / "c.txt")],

@@ -150,6 +150,7 @@ def run(args) -> int:
         print(f"stopped by {result['interrupted']} at step {result['steps']}; checkpoint {result['training_checkpoint']}; "
               f"continue with --resume auto", file=sys.stderr)
         return 128 + int(getattr(signal, result["interrupted"]))
-    print(f"prompts: {result['checkpoint']}")
+    if result["checkpoint"]:
+        print(f"prompts: {result['checkpoint']}")
     print(f"outputs: {result['out']} (metrics.jsonl, curves.png, config.json)")
     return 0

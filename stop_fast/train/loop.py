@@ -433,15 +433,14 @@ class _Trainer:
         log.info("k = 0 and rho = 0: no trainable parameters, so the run only evaluates")
         metrics_log = MetricsLog(c.out) if self.info.main else None
         metrics = self._evaluate()
-        prompts = os.path.join(c.out, "prompts.safetensors")
         if self.info.main:
             write_json(os.path.join(c.out, "config.json"), self._config_record())
             metrics_log.write({"epoch": 0, "step": 0, "lr": 0.0, **metrics})
-            with ckpt.atomic_path(prompts) as tmp:
-                self.model.save_prompts(tmp)
+            write_json(os.path.join(c.out, "metrics.json"), metrics)
             plot_curves(metrics_log.records, os.path.join(c.out, "curves.png"))
             metrics_log.close()
-        return {**metrics, "checkpoint": prompts, "out": c.out, "steps": 0, "interrupted": None}
+        # no weights to save: `stop-fast eval --zero-shot` evaluates this model again
+        return {**metrics, "checkpoint": None, "out": c.out, "steps": 0, "interrupted": None}
 
     # ------------------------------------------------------------------ the loop
     def _train(self) -> Dict[str, Any]:
@@ -600,8 +599,8 @@ class _Trainer:
 
     def _load(self, path: str):
         c = self.config
-        state = ckpt.load(path, map_location=self.device)
-        self.model.load_prompts(state["prompts_path"])
+        state = ckpt.load(path)  # on the CPU: RNG states must stay there; the optimiser moves its own state
+        _load_prompts(self.model, state["prompts_path"], force=False)
         saved = state.get("config", {})
         changed = {k: (saved.get(k), v) for k, v in c.to_dict().items()
                    if k in ("batch_size", "accumulation", "epochs", "lr", "seed", "frames", "dataset", "warmup")
@@ -631,8 +630,9 @@ def _summary(metrics: Dict[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- evaluate
-def read_prompt_config(path: str) -> Dict[str, Any]:
-    """The STOPConfig stored in a prompts file's metadata ({} when it holds none)."""
+def read_prompt_metadata(path: str, key: str) -> Dict[str, Any]:
+    """A JSON object stored under ``key`` in a prompts file's metadata ({} when absent):
+    ``stop_config`` (the STOPConfig) or ``backbone`` (name, GELU, weights fingerprint, random seed)."""
     from safetensors import safe_open
 
     try:
@@ -640,21 +640,26 @@ def read_prompt_config(path: str) -> Dict[str, Any]:
             meta = f.metadata() or {}
     except Exception as exc:  # noqa: BLE001 - any failure to parse means a corrupt or foreign file
         raise ValueError(f"{path} is not a readable prompts file ({' '.join(str(exc).split()) or type(exc).__name__})") from None
-    stored = meta.get("stop_config")
+    stored = meta.get(key)
     if not stored:
         return {}
     try:
-        return json.loads(stored)
+        value = json.loads(stored)
     except json.JSONDecodeError:
-        raise ValueError(f"{path}: its stop_config metadata is not valid JSON") from None
+        raise ValueError(f"{path}: its {key} metadata is not valid JSON") from None
+    return value if isinstance(value, dict) else {}
 
 
 def config_for_checkpoint(config: TrainConfig, prompts: str) -> TrainConfig:
-    """``config`` with the model fields (backbone name, k, rho, alpha, beta, widths) the prompts were trained with."""
-    stored = read_prompt_config(prompts)
+    """``config`` with the model fields (backbone name, k, rho, alpha, beta, widths) the prompts were
+    trained with, and, for a random backbone, the seed it was drawn from."""
+    stored = read_prompt_metadata(prompts, "stop_config")
     mapping = {"model_name": "model", "k": "k", "rho": "rho", "alpha": "alpha", "beta": "beta",
                "r_intra": "r_intra", "r_inter": "r_inter"}
     updates = {ours: stored[theirs] for theirs, ours in mapping.items() if theirs in stored}
+    seed = read_prompt_metadata(prompts, "backbone").get("random_seed")
+    if config.weights is None and isinstance(seed, int) and not isinstance(seed, bool) and seed >= 0:
+        updates["seed"] = seed
     return dataclasses.replace(config, **updates)
 
 
@@ -703,8 +708,13 @@ def evaluate(config: TrainConfig, checkpoint: Optional[str] = None, *, zero_shot
 
 
 def _load_prompts(model, path: str, force: bool) -> None:
-    """``model.load_prompts`` (with ``force`` where the prompts file API has it)."""
-    if "force" in inspect.signature(model.load_prompts).parameters:
-        model.load_prompts(path, force=force)
-    else:
-        model.load_prompts(path)
+    """``model.load_prompts`` (with ``force`` where the prompts file API has it); errors name the file."""
+    try:
+        if "force" in inspect.signature(model.load_prompts).parameters:
+            model.load_prompts(path, force=force)
+        else:
+            model.load_prompts(path)
+    except ValueError as exc:
+        if path in str(exc):
+            raise
+        raise ValueError(f"{path}: {exc}") from None
