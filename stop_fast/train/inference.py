@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import torch
 
 from .config import LOGIT_SCALE, TrainConfig
-from .loop import _load_prompts, autocast_for, build_model, config_for_checkpoint, make_encoder, resolve_device
+from .loop import load_prompt_file, autocast_for, build_model, config_for_checkpoint, make_encoder, resolve_device
 from . import checkpoint as ckpt
 from . import distributed
 
@@ -21,7 +21,7 @@ def load_model(config: TrainConfig, checkpoint: Optional[str], force: bool = Fal
     config.device = str(device)
     model = build_model(config, device)
     if prompts:
-        _load_prompts(model, prompts, force)
+        load_prompt_file(model, prompts, force)
     return model.eval(), config, device
 
 

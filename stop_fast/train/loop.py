@@ -600,7 +600,7 @@ class _Trainer:
     def _load(self, path: str):
         c = self.config
         state = ckpt.load(path)  # on the CPU: RNG states must stay there; the optimiser moves its own state
-        _load_prompts(self.model, state["prompts_path"], force=False)
+        load_prompt_file(self.model, state["prompts_path"], force=False)
         saved = state.get("config", {})
         changed = {k: (saved.get(k), v) for k, v in c.to_dict().items()
                    if k in ("batch_size", "accumulation", "epochs", "lr", "seed", "frames", "dataset", "warmup")
@@ -685,7 +685,7 @@ def evaluate(config: TrainConfig, checkpoint: Optional[str] = None, *, zero_shot
         _, val_set = build_datasets(config, need_train=False)
         model = build_model(config, device)
         if prompts:
-            _load_prompts(model, prompts, force)
+            load_prompt_file(model, prompts, force)
         model.eval()
         task = build_task(config, model, None, val_set, autocast, info.world_size)
         labels = task.labels_for(val_set) if task.name == "recognition" else None
@@ -707,7 +707,7 @@ def evaluate(config: TrainConfig, checkpoint: Optional[str] = None, *, zero_shot
         distributed.teardown()
 
 
-def _load_prompts(model, path: str, force: bool) -> None:
+def load_prompt_file(model, path: str, force: bool) -> None:
     """``model.load_prompts`` (with ``force`` where the prompts file API has it); errors name the file."""
     try:
         if "force" in inspect.signature(model.load_prompts).parameters:
