@@ -101,9 +101,10 @@ class DaliVideoLoader:
         if stale:
             log.warning("%d videos changed since %s was written: probing them again", stale, records.path)
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """``start_batch``: skip this epoch's first batches (resuming a run where it stopped)."""
         self.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch * self.batch_size)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size

@@ -108,9 +108,10 @@ class ShardedSampler(Sampler[int]):
         self.size, self.batch_size, self.mode = size, batch_size, mode
         self.rank, self.world_size, self.seed, self.drop_last = rank, world_size, seed, drop_last
         self.epoch = 0
+        self.start = 0  # entries of this epoch already consumed (a resumed run starts mid-epoch)
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, start: int = 0) -> None:
+        self.epoch, self.start = epoch, start
 
     def _indices(self) -> List[int]:
         if self.mode == "train":
@@ -128,10 +129,10 @@ class ShardedSampler(Sampler[int]):
         return mine + [PADDING] * (per_rank - len(mine))
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._indices())
+        return iter(self._indices()[self.start :])
 
     def __len__(self) -> int:
-        return len(self._indices())
+        return max(0, len(self._indices()) - self.start)
 
 
 class VideoLoader:
@@ -155,9 +156,10 @@ class VideoLoader:
                                  collate_fn=_collate, persistent_workers=False)
         self.stats = {"clips": 0, "failures": 0}
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """``start_batch``: skip this epoch's first batches (resuming a run where it stopped)."""
         self.clips.epoch = epoch
-        self.sampler.set_epoch(epoch)
+        self.sampler.set_epoch(epoch, start_batch * self.sampler.batch_size)
 
     def __len__(self) -> int:
         return len(self.loader)

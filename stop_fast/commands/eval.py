@@ -1,0 +1,55 @@
+"""Evaluate trained prompts (or, with --zero-shot, the frozen CLIP with prompts off) on a dataset split.
+
+    stop-fast eval --checkpoint runs/hmdb51 --config configs/hmdb51.toml --video-root /data/HMDB51 --weights ViT-B-32.pt
+    stop-fast eval --zero-shot --dataset msrvtt --video-root /data/MSRVTT --weights ViT-B-32.pt
+
+--checkpoint takes a prompts .safetensors file, a training checkpoint .pt, or a run folder; the
+model's settings (backbone name, k, rho, ...) are read from the prompts file. Prints a metrics table
+and writes the metrics as JSON (--out; default: eval.json beside the checkpoint, or ./eval-zero-shot.json).
+"""
+from __future__ import annotations
+
+import os
+
+from .train import add_data_arguments, config_from_args, print_metrics
+
+
+def add_arguments(p) -> None:
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="prompts .safetensors, training checkpoint .pt, or a run folder")
+    src.add_argument("--zero-shot", action="store_true", help="frozen CLIP, prompts off (k = 0, rho = 0)")
+    add_data_arguments(p, train=False)
+    p.add_argument("--frames", type=int, help="frames per clip (default 12; same as --eval-frames)")
+    p.add_argument("--batch-size", type=int, dest="eval_batch_size", help="videos per evaluation batch")
+    p.add_argument("--force", action="store_true", help="load prompts saved for another backbone anyway (warns)")
+    p.add_argument("--out", dest="json_out", help="write the metrics JSON here")
+
+
+def run(args) -> int:
+    from ..cli import CLIError
+
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise CLIError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    if args.json_out:
+        from .common import output_file
+
+        output_file(args.json_out, "--out")
+    config = config_from_args(args)
+    from ..train import evaluate
+
+    if args.json_out:
+        out = args.json_out
+    elif args.checkpoint:
+        base = args.checkpoint if os.path.isdir(args.checkpoint) else os.path.dirname(os.path.abspath(args.checkpoint))
+        out = os.path.join(base, "eval.json")
+    else:
+        out = "eval-zero-shot.json"
+    result = evaluate(config, args.checkpoint, zero_shot=args.zero_shot, out=out, force=args.force)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0
+    what = "zero-shot CLIP (prompts off)" if args.zero_shot else result["checkpoint"]
+    print(f"{result['dataset']} {result['split']} ({result['task']}), {what}"
+          + (", RANDOM backbone" if result["random_backbone"] else ""))
+    print_metrics(result)
+    print(f"metrics: {out}")
+    return 0

@@ -1,0 +1,35 @@
+"""Training and evaluation of STOP: both tasks of SPEC.md, one loop, torchrun, exact resume.
+
+``from stop_fast.train import TrainConfig, train, evaluate``::
+
+    config = load_config("configs/hmdb51.toml", video_root="/data/HMDB51", out="runs/hmdb51")
+    result = train(config)          # {"val_top1": ..., "checkpoint": ".../prompts.safetensors", ...}
+    evaluate(config, result["checkpoint"])
+
+Rooms: ``config`` (TrainConfig, TOML), ``tasks`` (text features, losses), ``metrics`` (ranks and their
+tie rule), ``optim`` (AdamW, warm-up + cosine), ``checkpoint`` (atomic files, resume), ``distributed``
+(torchrun), ``records`` (metrics.jsonl, TensorBoard, curves.png), ``loop`` (train, evaluate),
+``inference`` (predict). See docs/TRAINING.md.
+
+Names are imported on first use (PEP 562), so ``import stop_fast.train`` costs no torch import.
+"""
+import importlib
+
+_EXPORTS = {
+    "TrainConfig": "config", "load_config": "config", "DATASETS": "config",
+    "train": "loop", "evaluate": "loop",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
