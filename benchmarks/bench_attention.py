@@ -1,7 +1,7 @@
 """Attention alone: stop_fast's varlen kernel against every ragged-attention route PyTorch offers.
 
     python benchmarks/run.py --only attention --out results.json       (all cases of this module)
-    pytest benchmarks/bench_attention.py --benchmark-enable             (pytest-benchmark cases)
+    pytest benchmarks/test_bench.py -k attention --benchmark-enable     (pytest-benchmark cases)
 
 Problems (bf16 on CUDA, fp32 on a CPU), lengths uniform like STOP's frames (1 + N + n_t, n_t in 0..12):
 - ``vit_b32``: 1536 sequences (128 videos x 12 frames) of 50..62 tokens, 12 heads of 64;
@@ -29,14 +29,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List
 
-import pytest
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, describe_error, measure  # noqa: E402
+from common import Case, Unavailable, measure  # noqa: E402
 
 PROBLEMS = {  # name: (sequences, shortest, longest)
     "vit_b32": (1536, 50, 62),
@@ -56,13 +55,11 @@ def stop_fast_attention(q, k, v, cu_seqlens, max_seqlen):
     return varlen_attention(q, k, v, cu_seqlens, max_seqlen, check_inputs=False)
 
 
-def torch_varlen_available() -> Optional[str]:
-    """None when ``torch.nn.attention.varlen.varlen_attn`` can run here, else why not."""
+def require_torch_varlen() -> None:
     try:
         from torch.nn.attention.varlen import varlen_attn  # noqa: F401
     except ImportError:
-        return f"unavailable: torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn"
-    return None
+        raise Unavailable(f"torch {torch.__version__} has no torch.nn.attention.varlen.varlen_attn") from None
 
 
 def torch_varlen_attention(q, k, v, cu_seqlens, max_seqlen):
@@ -165,6 +162,10 @@ class Candidate:
     def forward(self) -> torch.Tensor:
         return self._forward(*self.leaves)
 
+    def inference(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.forward()
+
     def forward_backward(self) -> None:
         for t in self.leaves:
             t.grad = None
@@ -180,14 +181,15 @@ def candidates(p) -> Dict[str, Callable[[], Candidate]]:
         return lambda: Candidate([q, k, v], lambda a, b, c: fn(a, b, c, cu, max_len), do)
 
     def qkvpacked():
-        from stop_fast.kernels import varlen_attention_qkvpacked
+        try:
+            from stop_fast.kernels import varlen_attention_qkvpacked
+        except ImportError:
+            raise Unavailable("this stop_fast has no kernels.varlen_attention_qkvpacked") from None
 
         return Candidate([qkv], lambda t: varlen_attention_qkvpacked(t, cu, max_len, check_inputs=False), do)
 
     def torch_varlen():
-        reason = torch_varlen_available()
-        if reason:
-            raise RuntimeError(reason)
+        require_torch_varlen()
         return packed(torch_varlen_attention)()
 
     def padded(flash_unmasked: bool):
@@ -233,7 +235,7 @@ SKIP_ON_CPU = {
 }
 
 
-def cases(ctx) -> List:
+def cases(ctx) -> List[Case]:
     problems = QUICK_PROBLEMS if ctx.quick else PROBLEMS
     out = []
     for name, (sequences, low, high) in problems.items():
@@ -243,7 +245,8 @@ def cases(ctx) -> List:
             if "p" not in state:
                 state["p"] = make_problem(ctx.device, sequences, low, high)
                 state["truth"] = fp32_truth(state["p"])
-            return state["p"], state["truth"]
+                state["candidates"] = {}  # one per implementation, shared by its two steps (one compile)
+            return state
 
         for impl in candidates_names():
             for step in ("forward", "forward_backward"):
@@ -262,18 +265,14 @@ def candidates_names() -> List[str]:
 def run_case(ctx, problem, impl: str, step: str) -> Dict[str, Any]:
     if ctx.device.type == "cpu" and impl in SKIP_ON_CPU:
         return {"skipped": SKIP_ON_CPU[impl]}
-    p, truth = problem()
-    c = candidates(p)[impl]()
+    state = problem()
+    p, truth = state["p"], state["truth"]
+    if impl not in state["candidates"]:
+        state["candidates"][impl] = candidates(p)[impl]()
+    c = state["candidates"][impl]
     c.forward_backward()  # compile, autotune, warm up
-    with torch.no_grad():
-        out = c.unpack(c.forward()).float()
-    err = float((out - truth).abs().max())
-    if step == "forward":
-        def fn():  # inference: no autograd graph
-            with torch.no_grad():
-                c.forward()
-    else:
-        fn = c.forward_backward
+    err = float((c.unpack(c.inference()).float() - truth).abs().max())
+    fn = c.inference if step == "forward" else c.forward_backward  # the forward alone without autograd
     timing = measure(fn, ctx.device, flush_l2=True, **ctx.op_timing)
     lengths = p["lengths"].double()
     unit = p["total"] * HEADS * HEAD_DIM * p["qkv"].element_size()  # one packed tensor, bytes
@@ -288,27 +287,3 @@ def run_case(ctx, problem, impl: str, step: str) -> Dict[str, Any]:
     if copy:
         result["fraction_of_copy_bandwidth"] = result["gbs"] / copy
     return result
-
-
-# --------------------------------------------------------------------------- pytest-benchmark cases
-@pytest.fixture(scope="module")
-def problem():
-    return make_problem(torch.device("cuda"), *PROBLEMS["vit_b32"])
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", candidates_names())
-@pytest.mark.parametrize("step", ["forward", "forward_backward"])
-def test_attention(benchmark, problem, impl, step):
-    try:
-        c = candidates(problem)[impl]()
-        c.forward_backward()
-    except Exception as exc:  # an implementation this torch / stop_fast lacks
-        pytest.skip(describe_error(exc))
-    fn = getattr(c, step)
-
-    def timed():
-        fn()
-        torch.cuda.synchronize()
-
-    benchmark(timed)

@@ -42,8 +42,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_attention import FlexDocumentAttention, torch_varlen_attention, torch_varlen_available  # noqa: E402
-from common import Case, first_call_s, measure, training_flops, vit_flops  # noqa: E402
+from bench_attention import FlexDocumentAttention, require_torch_varlen, torch_varlen_attention  # noqa: E402
+from common import Case, Unavailable, first_call_s, measure, training_flops, vit_flops  # noqa: E402
 
 MODELS = ("ViT-B-32", "ViT-B-16")
 QUICK_MODELS = ("stop-tiny", "ViT-B-32")
@@ -56,19 +56,20 @@ VARIANTS = ("reference", "fast", "fast_compiled", "openclip_compiled", "padded_s
 # path, the baselines' inference, attention swaps, then what compiles longest; ViT-B/16 after B/32.
 PRIORITY = {"reference": 0, "fast": 0, "fast_compiled": 2, "openclip_compiled": 3, "padded_sdpa_compiled": 3,
             "fast_torch_varlen_attn": 4, "fast_flex_attention": 4}
-
-
-def priority(name: str, variant: str, mode: str) -> int:
-    p = PRIORITY[variant] + (3 if variant in ("openclip_compiled", "padded_sdpa_compiled") and mode == "train" else 0)
-    if name == "ViT-B-16":
-        p += 1 if p == 0 else 3
-    return p
 COMPILED = {"fast_compiled", "openclip_compiled", "padded_sdpa_compiled"}
 MODES = ("inference", "train")
 CPU_SKIPS = {
     "fast_torch_varlen_attn": "varlen_attn runs flash attention kernels: CUDA only",
     "fast_flex_attention": "FlexAttention compiles a CPU kernel for minutes; run it on a GPU",
 }
+
+
+def priority(name: str, variant: str, mode: str) -> int:
+    """Cases run in this order under a time budget (lower first), see PRIORITY."""
+    p = PRIORITY[variant] + (3 if variant in ("openclip_compiled", "padded_sdpa_compiled") and mode == "train" else 0)
+    if name == "ViT-B-16":
+        p += 1 if p == 0 else 3
+    return p
 
 
 # --------------------------------------------------------------------------- models and inputs
@@ -180,9 +181,7 @@ def encoder(setup: Setup, variant: str) -> Callable[[torch.Tensor], torch.Tensor
         from stop_fast.model.steps import video_feature
 
         if variant == "fast_torch_varlen_attn":
-            reason = torch_varlen_available()
-            if reason:
-                raise RuntimeError(reason)
+            require_torch_varlen()
             attention = torch_varlen_attention
         else:
             attention = FlexDocumentAttention(reuse_per_batch=True)
@@ -194,7 +193,10 @@ def encoder(setup: Setup, variant: str) -> Callable[[torch.Tensor], torch.Tensor
 
 def build_compiled(model, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
     if variant == "fast_compiled":
-        from stop_fast.model.compiled import compile_encoder
+        try:
+            from stop_fast.model.compiled import compile_encoder
+        except ImportError:
+            raise Unavailable("this stop_fast has no stop_fast.model.compiled.compile_encoder") from None
 
         return compile_encoder(model, impl="fast")
     if variant == "openclip_compiled":

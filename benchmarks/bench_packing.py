@@ -2,7 +2,7 @@
 the same math in PyTorch, eager and under ``torch.compile``, in GB/s against the copy bandwidth.
 
     python benchmarks/run.py --only packing --out results.json
-    pytest benchmarks/bench_packing.py --benchmark-enable
+    pytest benchmarks/test_bench.py -k pack --benchmark-enable
 
 Shapes (bf16 on CUDA, fp32 on a CPU): ``vit_b32``: 1536 frames, N = 49; ``vit_b16``: 384 frames,
 N = 196; D = 768, k = 6, rho = 12, counts uniform in 0..12. The forward must read z, the k prompts and
@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Any, Dict, List
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -98,17 +97,3 @@ def cases(ctx) -> List[Case]:
                                 lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
                                 estimate_s=30 if impl == "pytorch_compiled" else 5))
     return out
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", IMPLS)
-def test_pack_sequences_forward(benchmark, impl):
-    z, counts, cu, total, idx, gate, intra, inter, _ = make_inputs(torch.device("cuda"), *SHAPES["vit_b32"])
-    fn = packing_function(impl)
-
-    def step():
-        with torch.no_grad():
-            fn(z, counts, cu, total, idx, gate, intra, inter)
-        torch.cuda.synchronize()
-
-    benchmark(step)

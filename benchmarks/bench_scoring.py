@@ -2,7 +2,7 @@
 and under ``torch.compile``, in GB/s against the copy bandwidth measured in the same run.
 
     python benchmarks/run.py --only scoring --out results.json
-    pytest benchmarks/bench_scoring.py --benchmark-enable
+    pytest benchmarks/test_bench.py -k scores --benchmark-enable
 
 Shapes (u in bf16 on CUDA, fp32 on a CPU): ``vit_b32``: 1536 frames (128 videos x 12), N = 49;
 ``vit_b16``: 384 frames (32 x 12), N = 196; D = 768, 12 heads, k = 6. The op must read u
@@ -15,7 +15,6 @@ import os
 import sys
 from typing import Any, Dict, List
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -95,17 +94,3 @@ def cases(ctx) -> List[Case]:
                                 lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
                                 estimate_s=30 if impl == "pytorch_compiled" else 5))
     return out
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-@pytest.mark.parametrize("impl", IMPLS)
-def test_patch_scores_forward(benchmark, impl):
-    u, keys, bias, dyn, w, _, _ = make_inputs(torch.device("cuda"), *SHAPES["vit_b32"])
-    fn = scoring_function(impl)
-
-    def step():
-        with torch.no_grad():
-            fn(u, keys, bias, dyn, w, K, ALPHA, BETA)
-        torch.cuda.synchronize()
-
-    benchmark(step)

@@ -264,6 +264,11 @@ def describe_error(exc: BaseException) -> str:
 
 
 # --------------------------------------------------------------------------- cases
+class Unavailable(Exception):
+    """A case cannot run with what is installed (an op this torch or stop_fast lacks): a skip, not a
+    failure."""
+
+
 class Case:
     """One measurement: an id like ``model/ViT-B-32/fast/inference``, a function returning its record
     (a dict; ``{"skipped": why}`` when it cannot run here), a rough cost in seconds (or a function

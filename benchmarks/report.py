@@ -97,7 +97,7 @@ def header(data) -> List[str]:
             parts.append(f"copy {c['copy_gbs']:.0f} GB/s")
         for key, label in (("matmul_bf16_tflops", "bf16 matmul"), ("matmul_fp32_tflops", "fp32 matmul")):
             if c.get(key):
-                parts.append(f"{label} {c[key]:.1f} TFLOP/s")
+                parts.append(f"{label} {c[key]:.3g} TFLOP/s")
         if c.get("datasheet_bf16_tflops"):
             parts.append(f"data sheet {c['datasheet_bf16_tflops']:.0f} TFLOP/s ({c.get('datasheet_part')})")
         if parts:
@@ -125,13 +125,13 @@ def model_table(data, name: str) -> List[str]:
             tok += f" (padded to {tokens.get('computed_per_frame')})"
         mem = max([r.get("peak_memory_mib", 0) for r in (inf, train) if ok(r)] or [0]) / 1024
         compile_s = " / ".join(num(r.get("compile_s"), "{:.0f}") if ok(r) else "" for r in (inf, train))
-        lines.append(f"| {label} | {tok} | {ms(inf)} | {num((inf or {}).get('videos_per_s'), '{:.0f}') if ok(inf) else ''} | "
-                     f"{mfu(inf)} | {ms(train)} | {num((train or {}).get('videos_per_s'), '{:.0f}') if ok(train) else ''} | "
+        lines.append(f"| {label} | {tok} | {ms(inf)} | {rate(inf)} | "
+                     f"{mfu(inf)} | {ms(train)} | {rate(train)} | "
                      f"{mfu(train)} | {num(mem, '{:.2f}') if mem else ''} | {compile_s if compile_s.strip(' /') else ''} |")
     lines.append("")
-    lines.append("MFU: FLOPs of the real tokens over the measured time, against the bf16 matmul measured in "
-                 "the same run (data-sheet figure in the JSON). Padded variants are credited the same useful "
-                 "FLOPs as the packed ones.")
+    lines.append("MFU: FLOPs of the real tokens over the measured time, against the matmul measured in the "
+                 "same run (bf16 on a GPU, fp32 on a CPU; the data-sheet ratio is in the JSON). Padded variants "
+                 "are credited the same useful FLOPs as the packed ones.")
     return lines
 
 
@@ -139,6 +139,19 @@ def mfu(rec) -> str:
     if not ok(rec) or rec.get("mfu_vs_measured_matmul") is None:
         return ""
     return f"{100 * rec['mfu_vs_measured_matmul']:.0f}%"
+
+
+def device_type(data, rec) -> Optional[str]:
+    runs = data["runs"]
+    index = (rec or {}).get("run", 0)
+    return runs[index].get("device_type") if 0 <= index < len(runs) else None
+
+
+def rate(rec) -> str:
+    if not ok(rec):
+        return ""
+    v = rec["videos_per_s"]
+    return f"{v:.0f}" if v >= 10 else f"{v:.2f}"
 
 
 def best_fast(recs, mode) -> Tuple[Optional[str], Optional[Dict[str, Any]]]:
@@ -151,8 +164,8 @@ def targets_table(data) -> List[str]:
     lines = ["### Targets", "", "| target | measured | status |", "| --- | --- | --- |"]
     for what, name, mode, limit in TIME_TARGETS:
         variant, rec = best_fast(cases_under(data, f"model/{name}/"), mode)
-        if rec is None:
-            lines.append(f"| {what} | not measured | - |")
+        if rec is None or device_type(data, rec) != "cuda":
+            lines.append(f"| {what} | not measured on a GPU | - |")
             continue
         note = f" at B = {rec.get('batch')}" if rec.get("batch") != 32 else ""
         lines.append(f"| {what} | {rec['median_ms']:.2f} ms ({variant}{note}) | "
@@ -191,8 +204,7 @@ def targets_table(data) -> List[str]:
     quick = [k.split("/")[1] for k in data["cases"] if k.startswith("model/") and k.endswith("/fast/inference")]
     for name in quick:
         recs = cases_under(data, f"model/{name}/")
-        device = data["runs"][recs.get("fast/inference", {}).get("run", 0)].get("device_type") if data["runs"] else None
-        if device != "cpu":
+        if device_type(data, recs.get("fast/inference")) != "cpu":
             continue
         for mode in ("inference", "train"):
             fast, ref = recs.get(f"fast/{mode}"), recs.get(f"reference/{mode}")
@@ -282,11 +294,16 @@ def plot(data, path: str) -> None:
     models = [n for n in ("ViT-B-32", "ViT-B-16", "stop-tiny") if cases_under(data, f"model/{n}/")]
     attention = sorted({k.split("/")[1] for k in data["cases"] if k.startswith("attention/")})
     scaling = [k for k in data["cases"] if k.startswith("scaling/")]
-    panels = len(models) + len(attention) + (1 if scaling else 0)
+    axes_scaling = [a for a in ("frames", "rho", "batch") if any(k.split("/")[2].startswith(a + "=") for k in scaling)]
+    panels = len(models) + len(attention) + len(axes_scaling)
     if not panels:
         raise SystemExit("nothing to plot: no model, attention or scaling case in the results")
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.5), squeeze=False)
-    axes = list(axes[0])
+    cols = min(panels, 3)
+    rows = (panels + cols - 1) // cols
+    fig, grid = plt.subplots(rows, cols, figsize=(6 * cols, 4.2 * rows), squeeze=False)
+    axes = [ax for row in grid for ax in row]
+    for ax in axes[panels:]:
+        ax.axis("off")
     for name in models:
         ax = axes.pop(0)
         recs = cases_under(data, f"model/{name}/")
@@ -314,20 +331,18 @@ def plot(data, path: str) -> None:
         ax.set_xlabel("GB/s of the bytes the op must move")
         ax.set_title(f"attention alone, {problem}", fontsize=9)
         ax.legend(fontsize=7)
-    if scaling:
+    recs = {k: v for k, v in data["cases"].items() if k.startswith("scaling/") and ok(v)}
+    for axis in axes_scaling:
         ax = axes.pop(0)
-        recs = {k: v for k, v in data["cases"].items() if k.startswith("scaling/") and ok(v)}
-        for key in ("frames", "batch"):
-            for impl in dict.fromkeys(k.split("/")[3] for k in recs):
+        for impl in dict.fromkeys(k.split("/")[3] for k in recs):
+            for mode, style in (("inference", "--"), ("train", "-")):
                 pts = sorted((int(k.split("/")[2].split("=")[1]), v["median_ms"]) for k, v in recs.items()
-                             if k.split("/")[2].startswith(key + "=") and k.split("/")[3] == impl and k.endswith("/train"))
+                             if k.split("/")[2].startswith(axis + "=") and k.split("/")[3] == impl and k.endswith("/" + mode))
                 if pts:
-                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{impl} train vs {key}")
-        ax.set_xscale("log", base=2)
-        ax.set_yscale("log")
-        ax.set_xlabel("frames T or batch B")
-        ax.set_ylabel("training step ms")
-        ax.set_title("scaling", fontsize=9)
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], style, marker="o", label=f"{impl} {mode}")
+        ax.set_xlabel(axis)
+        ax.set_ylabel("ms per step")
+        ax.set_title(f"scaling with {axis}", fontsize=9)
         ax.legend(fontsize=7)
     run = data["runs"][0] if data["runs"] else {}
     fig.suptitle(f"stop_fast on {run.get('device', '?')} (commit {str(run.get('commit'))[:12]})", fontsize=10)

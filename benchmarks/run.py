@@ -82,6 +82,12 @@ class Context:
         return self.cache["setup"]
 
 
+def default_context(device: torch.device, quick: bool = False) -> Context:
+    """A Context with the command line's defaults (for the pytest-benchmark cases)."""
+    args = build_parser().parse_args(["--quick"] if quick else [])
+    return Context(args, device)
+
+
 def all_cases(ctx: Context) -> List[common.Case]:
     import bench_attention
     import bench_model
@@ -127,7 +133,7 @@ def line(case_id: str, record: Dict[str, Any]) -> str:
     return f"{case_id:60s} ERROR: {record.get('error')}"
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--out", help="results JSON to write (required unless --list)")
@@ -141,6 +147,11 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, help="skip cases that would end after this many seconds")
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and exit")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.batch < 1 or args.frames < 1:
         parser.error("--batch and --frames must be positive")
@@ -187,6 +198,8 @@ def main(argv=None) -> int:
         else:
             try:
                 record = case.run()
+            except common.Unavailable as exc:
+                record = {"skipped": f"unavailable: {exc}"}
             except Exception as exc:  # noqa: BLE001 - one case failing must not lose the others
                 record = {"error": common.describe_error(exc)}
                 failures += 1
