@@ -154,10 +154,11 @@ def explain_counts(model, video) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- the variants
-def sdpa_transformer_padded(visual, sequences: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+def sdpa_transformer_padded(visual, sequences: torch.Tensor, lengths: torch.Tensor, *_options) -> torch.Tensor:
     """The reference's padded transformer the way a user writes it with SDPA: ``(F, 1, 1, L)`` boolean
     key-padding mask broadcast over heads and queries (the reference builds a float ``(F*heads, L, L)``
-    mask for nn.MultiheadAttention). Same blocks, same function; returns the CLS tokens (F, D)."""
+    mask for nn.MultiheadAttention). Same blocks, same function; returns the CLS tokens (F, D).
+    Options of the reference's function (gradient checkpointing) are not used here."""
     f, length, width = sequences.shape
     keep = (torch.arange(length, device=sequences.device)[None, :] < lengths[:, None])[:, None, None, :]
     x = visual.ln_pre(sequences)
@@ -248,7 +249,8 @@ def step_function(setup: Setup, variant: str, mode: str) -> Callable[[], Any]:
 
 
 # --------------------------------------------------------------------------- one case
-def run_case(ctx, setup_fn: Callable[[], Setup], variant: str, mode: str) -> Dict[str, Any]:
+def run_case(ctx, setup_fn: Callable[[], Setup], variant: str, mode: str,
+             timing: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     if ctx.device.type == "cpu" and variant in CPU_SKIPS:
         return {"skipped": CPU_SKIPS[variant]}
     setup = setup_fn()
@@ -259,7 +261,7 @@ def run_case(ctx, setup_fn: Callable[[], Setup], variant: str, mode: str) -> Dic
     fn = step_function(setup, variant, mode)
     if variant in COMPILED:
         record.update(compile_first_call(fn, ctx.device))
-    timing = measure(fn, ctx.device, **ctx.timing)
+    timing = measure(fn, ctx.device, **(timing or ctx.timing))
     record.update(timing)
     if "first_call_s" in record:
         record["compile_s"] = max(record["first_call_s"] - timing["median_ms"] / 1e3, 0.0)

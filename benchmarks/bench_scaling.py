@@ -19,6 +19,8 @@ from bench_model import MODES, Setup, run_case  # noqa: E402
 from common import Case  # noqa: E402
 
 AXES = {"frames": (8, 16, 32, 64), "rho": (0, 4, 12, 24), "batch": (8, 16, 32, 64)}
+# many points: shorter timing than the model cases (the spread is recorded all the same)
+TIMING = {"warmup": 2, "min_reps": 5, "target_s": 0.3}
 QUICK_AXES = {"frames": (4, 8, 16), "rho": (0, 12, 24), "batch": (1, 2, 4)}
 
 
@@ -26,6 +28,7 @@ def cases(ctx) -> List[Case]:
     name = "stop-tiny" if ctx.quick else "ViT-B-32"
     base = {"batch": ctx.quick_batch(name) if ctx.quick else ctx.batch, "frames": ctx.frames, "rho": 12}
     impls = ["fast", "reference"] + (["fast_compiled"] if ctx.scaling_compiled else [])
+    timing = ctx.timing if ctx.quick else TIMING
     out = []
     for axis, values in (QUICK_AXES if ctx.quick else AXES).items():
         for value in values:
@@ -38,6 +41,6 @@ def cases(ctx) -> List[Case]:
                 for mode in MODES:
                     estimate = ctx.compile_estimate if impl == "fast_compiled" else 10
                     out.append(Case(f"scaling/{name}/{axis}={value}/{impl}/{mode}",
-                                    lambda setup_fn=setup_fn, impl=impl, mode=mode: run_case(ctx, setup_fn, impl, mode),
+                                    lambda setup_fn=setup_fn, impl=impl, mode=mode: run_case(ctx, setup_fn, impl, mode, timing),
                                     estimate_s=estimate, priority=impls.index(impl)))
     return out

@@ -92,5 +92,6 @@ def cases(ctx) -> List[Case]:
             for step in ("forward", "forward_backward"):
                 out.append(Case(f"scoring/{name}/{impl}/{step}",
                                 lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
-                                estimate_s=30 if impl == "pytorch_compiled" else 5))
+                                estimate_s=30 if impl == "pytorch_compiled" else 5,
+                                priority=1 if impl == "pytorch_compiled" else 0))
     return out

@@ -50,17 +50,18 @@ def _run(cmd, cwd=None) -> Optional[str]:
 
 
 def commit_info() -> Dict[str, Any]:
-    """The commit measured: ``git`` in the repository, else ``STOP_FAST_COMMIT`` (machines that get a
-    copy of the tree without .git). ``dirty``: uncommitted changes to tracked files, when known."""
-    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO)
-    if commit:
-        status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO)
-        return {"commit": commit, "dirty": bool(status) if status is not None else None, "commit_source": "git"}
+    """The commit measured: ``STOP_FAST_COMMIT`` when set (machines that get a copy of the tree
+    without .git; ``STOP_FAST_DIRTY=1`` marks uncommitted changes), else ``git`` in the repository.
+    ``dirty``: uncommitted changes to tracked files, None when unknown."""
     env = os.environ.get("STOP_FAST_COMMIT")
     if env:
         dirty = os.environ.get("STOP_FAST_DIRTY")
         return {"commit": env, "dirty": None if dirty is None else dirty not in ("0", "", "false"),
                 "commit_source": "STOP_FAST_COMMIT"}
+    commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO)
+    if commit:
+        status = _run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO)
+        return {"commit": commit, "dirty": bool(status) if status is not None else None, "commit_source": "git"}
     return {"commit": None, "dirty": None, "commit_source": None}
 
 

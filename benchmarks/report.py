@@ -292,7 +292,7 @@ def plot(data, path: str) -> None:
     import matplotlib.pyplot as plt
 
     models = [n for n in ("ViT-B-32", "ViT-B-16", "stop-tiny") if cases_under(data, f"model/{n}/")]
-    attention = sorted({k.split("/")[1] for k in data["cases"] if k.startswith("attention/")})
+    attention = list(dict.fromkeys(k.split("/")[1] for k in data["cases"] if k.startswith("attention/")))
     scaling = [k for k in data["cases"] if k.startswith("scaling/")]
     axes_scaling = [a for a in ("frames", "rho", "batch") if any(k.split("/")[2].startswith(a + "=") for k in scaling)]
     panels = len(models) + len(attention) + len(axes_scaling)

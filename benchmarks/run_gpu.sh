@@ -24,19 +24,21 @@
 # merges the results of separate machines.
 #
 # Your CUDA machine: activate the environment that has torch (with CUDA), open_clip_torch, pytest
-# (and pytest-benchmark, av, matplotlib as you like), or name its interpreter, then run all steps:
-#   PYTHON=.venv/bin/python bash benchmarks/run_gpu.sh benchmarks/results/h100
-# Time limits are sized for a lent machine's 10-minute calls; scale them (and run.py's budgets) with
-# STOP_FAST_TIME_PERCENT=400 (four times as long), or STOP_FAST_TIME_PERCENT=0 for no limits at all.
+# (and, as you like, pytest-benchmark, av, matplotlib, nvidia-dali), or name its interpreter; then
+#   PYTHON=.venv/bin/python STOP_FAST_TIME_PERCENT=400 bash benchmarks/run_gpu.sh benchmarks/results/h100
+# runs every step. Time limits are sized for a lent machine's 10-minute calls: STOP_FAST_TIME_PERCENT
+# scales them and run.py's budgets (400: four times as long; 0: no limits at all).
 #
 # The lent GPU test machine (torch 2.11, triton 3.6, Python 3.12; no network, no .git, few files
-# back, 10 minutes a call): stage its missing wheels here first (`../shared/tools/stage-gpu-wheels`
-# from the project root writes .gpu/), then make two calls, each carrying `.gpu/base` (installed
-# offline by the setup when open_clip is missing) and naming the commit:
-#   call 1 (~5 min):   STOP_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh $OUT tests kernels
-#   call 2 (~6.5 min): STOP_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh $OUT model-b32 model-b16 scaling
-# Then `tar xzf stop_fast_gpu.tgz` from each call's files and merge the two results.json with report.py.
-# The CPU tests and the sm_90 compile report are CI's job and are not rerun here.
+# back, 10 minutes a call): stage its missing wheels first (`../shared/tools/stage-gpu-wheels` from
+# the project root writes .gpu/), then make two calls back to back, each carrying `.gpu/base` (the
+# setup installs it offline when open_clip is missing) and naming the commit:
+#   call 1 (at most ~5.5 min): STOP_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh $OUT tests kernels
+#   call 2 (at most ~6.5 min): STOP_FAST_COMMIT=<sha> bash benchmarks/run_gpu.sh $OUT model scaling
+# On a machine still warm from call 1 the second call finds the install and call 1's results and adds
+# to them; otherwise merge the two results.json: `python benchmarks/report.py a.json b.json --json
+# merged.json --md table.md --png plot.png`. The CPU tests and the sm_90 compile report are CI's job
+# and are not rerun here.
 set -uo pipefail
 
 dry_run=0
@@ -51,8 +53,8 @@ steps=("$@")
 
 # Seconds per step at STOP_FAST_TIME_PERCENT=100; the benchmark steps give run.py a budget 20 s shorter,
 # so it skips the cases it could not finish instead of being killed in the middle of one.
-declare -A limit=([setup]=120 [tests]=150 [kernels]=110 [model]=300 [model-b32]=200 [model-b16]=150
-                  [scaling]=45 [decode]=150)
+declare -A limit=([setup]=120 [tests]=150 [kernels]=110 [model]=290 [model-b32]=200 [model-b16]=150
+                  [scaling]=60 [decode]=150)
 for s in "${steps[@]}"; do
   if [ -z "${limit[$s]:-}" ] || [ "$s" = setup ]; then
     echo "run_gpu.sh: unknown step '$s' (steps: tests kernels model model-b32 model-b16 scaling decode)" >&2
@@ -70,10 +72,8 @@ else out=$(mkdir -p "$out_arg" 2>/dev/null && cd "$out_arg" && pwd) || { echo "r
 fi
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PIP_NO_INDEX=1 PIP_DISABLE_PIP_VERSION_CHECK=1
-if [ -z "${STOP_FAST_COMMIT:-}" ] && git -C "$repo" rev-parse HEAD >/dev/null 2>&1; then
-  STOP_FAST_COMMIT=$(git -C "$repo" rev-parse HEAD)
-fi
-export STOP_FAST_COMMIT=${STOP_FAST_COMMIT:-unknown}
+# the commit measured: STOP_FAST_COMMIT (a tree without .git), else what git says (run.py asks it too)
+commit=${STOP_FAST_COMMIT:-$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo "unknown: set STOP_FAST_COMMIT")}
 export PYTHONPATH="$work/pkg${PYTHONPATH:+:$PYTHONPATH}"
 
 run_py=("$PY" "$repo/benchmarks/run.py" --device cuda --append --out "$work/results.json")
@@ -125,7 +125,7 @@ run_step() {
 }
 
 if [ $dry_run = 1 ]; then
-  echo "repo $repo; scratch $work; OUT $out; python $PY; commit $STOP_FAST_COMMIT; time limits at ${scale}% (0: none)"
+  echo "repo $repo; scratch $work; OUT $out; python $PY; commit $commit; time limits at ${scale}% (0: none)"
   echo "setup (up to $(seconds_for setup)s): check torch + CUDA and imports; install $repo/.gpu/base offline if open_clip is missing; stage the package in $work/pkg"
   total=$(seconds_for setup)
   for s in "${steps[@]}"; do
@@ -177,7 +177,7 @@ EOF
 import os, platform, torch, triton, stop_fast, stop_fast.kernels
 print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__,
       "cuda", torch.version.cuda, "device", torch.cuda.get_device_name())
-print("stop_fast from", os.path.dirname(stop_fast.__file__), "commit", os.environ.get("STOP_FAST_COMMIT"))
+print("stop_fast from", os.path.dirname(stop_fast.__file__))
 for name in ("open_clip", "av", "nvidia.dali", "numpy", "pytest_benchmark", "matplotlib"):
     try:
         print(name, __import__(name, fromlist=["__version__"]).__version__)
@@ -191,7 +191,7 @@ EOF
 }
 
 cd "$work" || exit 2
-note "commit $STOP_FAST_COMMIT; steps: ${steps[*]}"
+note "commit $commit; steps: ${steps[*]}"
 deadline=0
 setup 2>&1 | tee "$work/logs/setup.log"
 if [ "${PIPESTATUS[0]}" != 0 ]; then note "setup FAILED (see logs/setup.log)"; pack; exit 1; fi
