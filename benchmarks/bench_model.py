@@ -20,7 +20,7 @@ Variants:
   frame). Its training step back-propagates into the video (it has no prompts to train), which adds
   the patch embedding's backward (~1% of the step);
 - ``padded_sdpa_compiled``: the reference path with its transformer written the way a user would with
-  SDPA (a broadcast boolean key-padding mask), under ``torch.compile``;
+  SDPA (a broadcast boolean key-padding mask), compiled like the fast path (``compile_encoder``);
 - ``fast_torch_varlen_attn`` / ``fast_flex_attention``: the fast path, eager, with PyTorch's
   ``varlen_attn`` or FlexAttention with a document mask (built once per batch) in place of
   stop_fast's attention: the same model around a different attention (compare with ``fast``).
@@ -193,12 +193,12 @@ def encoder(setup: Setup, variant: str) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def build_compiled(model, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if variant == "fast_compiled":
+    if variant in ("fast_compiled", "padded_sdpa_compiled"):
         try:
             from stop_fast.model.compiled import compile_encoder
         except ImportError:
             raise Unavailable("this stop_fast has no stop_fast.model.compiled.compile_encoder") from None
-
+    if variant == "fast_compiled":
         return compile_encoder(model, impl="fast")
     if variant == "openclip_compiled":
         clip = model.clip
@@ -211,13 +211,13 @@ def build_compiled(model, variant: str) -> Callable[[torch.Tensor], torch.Tensor
         return torch.compile(plain_clip)
     if variant == "padded_sdpa_compiled":
         from stop_fast.model import reference
-        from stop_fast.model.steps import video_feature
 
-        compiled = torch.compile(lambda video: video_feature(reference.reference_forward(model, video)[0]))
+        # the reference path, compiled the same way as the fast one, with its transformer swapped for
+        # the SDPA one; patched around every call, so the compiled graph (which guards on that
+        # global) always sees the same function
+        compiled = compile_encoder(model, impl="reference")
 
         def padded(video):
-            # the reference path with its transformer swapped; patched around every call, so the
-            # compiled graph (which guards on that global) always sees the same function
             with mock.patch.object(reference, "run_transformer_padded", sdpa_transformer_padded):
                 return compiled(video)
 

@@ -158,7 +158,7 @@ setup() {
   fi
   local missing
   missing=$("$PY" - <<'EOF'
-import importlib
+import importlib.util
 need = {"torch": "torch", "triton": "triton", "open_clip": "open_clip_torch", "safetensors": "safetensors",
         "tqdm": "tqdm", "pytest": "pytest"}
 print(" ".join(pip for mod, pip in need.items() if importlib.util.find_spec(mod) is None))
@@ -168,8 +168,10 @@ EOF
     echo "run_gpu.sh: missing Python packages: $missing (pip install them, or stage .gpu/ wheels)" >&2; return 1
   fi
   rm -rf "$work/pkg" && mkdir -p "$work/pkg"
-  cp -r "$repo/stop_fast" "$work/pkg/" && rm -rf "$work/pkg/stop_fast/kernels" && cp -r "$repo/kernels" "$work/pkg/stop_fast/kernels" \
-    || { echo "run_gpu.sh: cannot stage the package from $repo" >&2; return 1; }
+  if ! { cp -r "$repo/stop_fast" "$work/pkg/" && rm -rf "$work/pkg/stop_fast/kernels" \
+         && cp -r "$repo/kernels" "$work/pkg/stop_fast/kernels"; }; then
+    echo "run_gpu.sh: cannot stage the package from $repo" >&2; return 1
+  fi
   find "$work/pkg" -name __pycache__ -prune -exec rm -rf {} +
   (cd "$work" && {
     nvidia-smi || true
