@@ -101,11 +101,7 @@ def stop_model(ctx, name: str, frames: int, rho: int = 12):
             for p in model.trainable_parameters():
                 p.normal_(0, 0.02)
         if ctx.bf16:
-            if hasattr(model, "cast_backbone"):
-                model.cast_backbone(torch.bfloat16)
-                ctx.notes.setdefault("backbone_dtype", "bfloat16 (cast_backbone)")
-            else:
-                ctx.notes.setdefault("backbone_dtype", "float32 (this stop_fast has no cast_backbone; autocast casts)")
+            model.cast_backbone(torch.bfloat16)
         ctx.cache[key] = model
     return ctx.cache[key]
 
@@ -146,11 +142,8 @@ class Setup:
 
 
 def explain_counts(model, video) -> torch.Tensor:
-    """n_t of every frame of this batch (the fast path's own, where explain takes ``impl``)."""
-    try:
-        return model.explain(video, impl="fast")["counts"]
-    except TypeError:  # explain without impl: the reference's counts (the same function)
-        return model.explain(video)["counts"]
+    """n_t of every frame of this batch, as the fast path computes them."""
+    return model.explain(video, impl="fast")["counts"]
 
 
 # --------------------------------------------------------------------------- the variants
@@ -256,7 +249,7 @@ def run_case(ctx, setup_fn: Callable[[], Setup], variant: str, mode: str,
     setup = setup_fn()
     record: Dict[str, Any] = {"model": setup.name, "variant": variant, "mode": mode, "batch": setup.batch,
                               "frames": setup.frames, "rho": setup.model.config.rho,
-                              "precision": "bf16 autocast" if ctx.bf16 else "fp32",
+                              "precision": "bf16 autocast, backbone cast to bf16" if ctx.bf16 else "fp32",
                               "tokens": setup.tokens(variant)}
     fn = step_function(setup, variant, mode)
     if variant in COMPILED:
