@@ -1,92 +1,100 @@
-"""The packed sequence build (overlay + packing) against its PyTorch implementation and the copy roofline.
+"""The packed sequence build (``stop_fast.kernels.pack_sequences``: prompt overlay + packing) against
+the same math in PyTorch, eager and under ``torch.compile``, in GB/s against the copy bandwidth.
 
-    python benchmarks/bench_packing.py --out benchmarks/results/packing.json
-    pytest benchmarks/bench_packing.py --benchmark-enable
+    python benchmarks/run.py --only packing --out results.json
+    pytest benchmarks/test_bench.py -k pack --benchmark-enable
 
-Shapes: ViT-B/32, 1536 frames, N = 49, D = 768, k = 6, rho = 12, counts uniform in 0..12, bf16. The
-forward must read z, the k prompts and the n_t temporal tokens of every frame and write the packed
-tokens; the backward reads the packed gradient and writes dz, d intra, d gate and d inter.
+Shapes (bf16 on CUDA, fp32 on a CPU): ``vit_b32``: 1536 frames, N = 49; ``vit_b16``: 384 frames,
+N = 196; D = 768, k = 6, rho = 12, counts uniform in 0..12. The forward must read z, the k prompts and
+the n_t temporal tokens of every frame and write the packed tokens; the backward reads the packed
+gradient and writes dz, d gate, d intra and d inter. GB/s counts those bytes once.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Any, Dict, List
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_ms, copy_bandwidth_gbs, provenance, require_cuda, write_json  # noqa: E402
+from common import Case, measure  # noqa: E402
+
+SHAPES = {"vit_b32": (1536, 49), "vit_b16": (384, 196)}
+QUICK_SHAPES = {"vit_b32_small": (24, 49)}
+WIDTH, K, RHO = 768, 6, 12
+IMPLS = ("stop_fast", "pytorch", "pytorch_compiled")
 
 
-def make_inputs(frames=1536, n=49, width=768, k=6, rho=12, dtype=torch.bfloat16, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    z = torch.randn(frames, n + 1, width, generator=g).to("cuda", dtype).requires_grad_()
-    counts = torch.randint(0, rho + 1, (frames,), generator=g, dtype=torch.int32).cuda()
-    idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(frames)]).cuda()
-    gate = torch.rand(frames, k, generator=g).cuda().requires_grad_()
-    intra = torch.randn(frames, k, width, generator=g).to("cuda", dtype).requires_grad_()
-    inter = torch.randn(frames, rho, width, generator=g).to("cuda", dtype).requires_grad_()
-    return z, counts, idx, gate, intra, inter
-
-
-def measure():
+def make_inputs(device: torch.device, frames: int, n: int, seed: int = 0):
     from stop_fast.kernels import cu_seqlens_from_counts
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(frames, n + 1, WIDTH, generator=g).to(device, dtype).requires_grad_()
+    counts = torch.randint(0, RHO + 1, (frames,), generator=g, dtype=torch.int32).to(device)
+    idx = torch.stack([torch.randperm(n, generator=g)[:K] for _ in range(frames)]).to(device)
+    gate = torch.rand(frames, K, generator=g).to(device).requires_grad_()
+    intra = torch.randn(frames, K, WIDTH, generator=g).to(device, dtype).requires_grad_()
+    inter = torch.randn(frames, RHO, WIDTH, generator=g).to(device, dtype).requires_grad_()
+    cu, total, _ = cu_seqlens_from_counts(counts, n + 1)
+    dx = torch.randn(total, WIDTH, generator=g).to(device, dtype)
+    return z, counts, cu, total, idx, gate, intra, inter, dx
+
+
+def packing_function(impl: str):
     from stop_fast.kernels.packing import pack_sequences, pack_sequences_reference
 
-    z, counts, idx, gate, intra, inter = make_inputs()
-    frames, length, width = z.shape
-    cu, total, _ = cu_seqlens_from_counts(counts, length)
-    esize = z.element_size()
-    moved = (z.numel() + intra.numel() + int(counts.sum()) * width + total * width) * esize + gate.numel() * 4 + idx.numel() * 8
-    bwd_moved = (total * width + z.numel() + intra.numel() * 2 + inter.numel()) * esize + gate.numel() * 8 + idx.numel() * 8
-    dx = torch.randn(total, width, device="cuda", dtype=z.dtype)
-    copy = copy_bandwidth_gbs()
-    rows = {}
-    for name, fn in (("triton", pack_sequences), ("pytorch", pack_sequences_reference)):
-        kwargs = {"check_inputs": False} if fn is pack_sequences else {}
-
-        def fwd(fn=fn, kwargs=kwargs):
-            return fn(z, counts, cu, total, idx, gate, intra, inter, **kwargs)
-
-        fwd_ms = bench_ms(fwd)
-        both_ms = bench_ms(lambda: torch.autograd.grad(fwd(), (z, gate, intra, inter), dx))
-        bwd_ms = max(both_ms - fwd_ms, 1e-6)
-        rows[name] = {"forward_ms": fwd_ms, "forward_backward_ms": both_ms,
-                      "forward_gbs": moved / fwd_ms / 1e6, "forward_fraction_of_copy": moved / fwd_ms / 1e6 / copy,
-                      "backward_gbs_estimate": bwd_moved / bwd_ms / 1e6}
-        print(f"{name:8s} fwd {fwd_ms:7.3f} ms {rows[name]['forward_gbs']:7.0f} GB/s "
-              f"({100 * rows[name]['forward_fraction_of_copy']:.0f}% of copy)   fwd+bwd {both_ms:7.3f} ms")
-    return {"shape": {"frames": frames, "patches": length - 1, "width": width, "k": idx.shape[1],
-                      "rho": inter.shape[1], "dtype": "bf16", "total_tokens": total},
-            "bytes": {"forward": moved, "backward": bwd_moved}, "copy_gbs": copy, "results": rows,
-            "speedup_forward_backward": rows["pytorch"]["forward_backward_ms"] / rows["triton"]["forward_backward_ms"]}
+    if impl == "stop_fast":
+        return lambda *a: pack_sequences(*a, check_inputs=False)
+    reference = lambda *a: pack_sequences_reference(*a, check_inputs=False)  # noqa: E731
+    return reference if impl == "pytorch" else torch.compile(reference)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/packing.json")
-    args = parser.parse_args()
-    if not require_cuda("bench_packing"):
-        return 0
-    write_json(args.out, {**provenance(), **measure()})
-    return 0
+def min_bytes(z, counts, total, intra, inter) -> Dict[str, int]:
+    e = z.element_size()
+    frames, _, width = z.shape
+    temporal = int(counts.sum()) * width
+    forward = (z.numel() + intra.numel() + temporal + total * width) * e + frames * K * (4 + 8)
+    backward = (total * width + z.numel() + 2 * intra.numel() + inter.numel()) * e + frames * K * (8 + 8)
+    return {"forward": forward, "forward_backward": forward + backward}
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_pack_sequences_forward(benchmark):
-    from stop_fast.kernels import cu_seqlens_from_counts, pack_sequences
+def run_case(ctx, shape, impl: str, step: str) -> Dict[str, Any]:
+    from stop_fast.kernels.dispatch import use_triton
 
-    z, counts, idx, gate, intra, inter = make_inputs()
-    cu, total, _ = cu_seqlens_from_counts(counts, z.shape[1])
+    z, counts, cu, total, idx, gate, intra, inter, dx = make_inputs(ctx.device, *shape)
+    fn = packing_function(impl)
+    args = (z, counts, cu, total, idx, gate, intra, inter)
 
-    def step():
-        pack_sequences(z, counts, cu, total, idx, gate, intra, inter, check_inputs=False)
-        torch.cuda.synchronize()
+    def forward():
+        with torch.no_grad():
+            return fn(*args)
 
-    benchmark(step)
+    def forward_backward():
+        torch.autograd.grad(fn(*args), (z, gate, intra, inter), dx)
+
+    timed = forward if step == "forward" else forward_backward
+    timing = measure(timed, ctx.device, flush_l2=True, **ctx.op_timing)
+    nbytes = min_bytes(z, counts, total, intra, inter)[step]
+    record = {**timing, "frames": shape[0], "patches": shape[1], "width": WIDTH, "k": K, "rho": RHO,
+              "total_tokens": total, "dtype": str(z.dtype).split(".")[-1], "min_bytes": nbytes,
+              "gbs": nbytes / (timing["median_ms"] / 1e3) / 1e9,
+              "backend": ("triton" if use_triton(z) else "pytorch") if impl == "stop_fast" else "pytorch"}
+    if ctx.ceilings.get("copy_gbs"):
+        record["fraction_of_copy_bandwidth"] = record["gbs"] / ctx.ceilings["copy_gbs"]
+    return record
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def cases(ctx) -> List[Case]:
+    out = []
+    for name, shape in (QUICK_SHAPES if ctx.quick else SHAPES).items():
+        for impl in IMPLS:
+            if impl == "pytorch_compiled" and ctx.device.type == "cpu" and (ctx.quick or not ctx.compile_on_cpu):
+                continue  # a minute of CPU compile per case; the quick CPU run compiles only the model
+            for step in ("forward", "forward_backward"):
+                out.append(Case(f"packing/{name}/{impl}/{step}",
+                                lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
+                                estimate_s=30 if impl == "pytorch_compiled" else 5,
+                                priority=1 if impl == "pytorch_compiled" else 0))
+    return out

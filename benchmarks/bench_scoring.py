@@ -1,92 +1,97 @@
-"""The fused scoring kernel against its PyTorch implementation, and against the copy roofline.
+"""Patch scoring + top-K (``stop_fast.kernels.patch_scores``) against the same math in PyTorch, eager
+and under ``torch.compile``, in GB/s against the copy bandwidth measured in the same run.
 
-    python benchmarks/bench_scoring.py --out benchmarks/results/scoring.json
-    pytest benchmarks/bench_scoring.py --benchmark-enable
+    python benchmarks/run.py --only scoring --out results.json
+    pytest benchmarks/test_bench.py -k scores --benchmark-enable
 
-Shapes: ViT-B/32, 1536 frames (128 videos x 12), N = 49, D = 768, 12 heads, k = 6, u in bf16. The
-kernel must read u (F x 50 x 768 x 2 bytes) and the two logit maps, and write A, Dyn, S, R, g and v;
-achieved bandwidth is those bytes over the median time, next to a device-to-device copy measured in
-the same run.
+Shapes (u in bf16 on CUDA, fp32 on a CPU): ``vit_b32``: 1536 frames (128 videos x 12), N = 49;
+``vit_b16``: 384 frames (32 x 12), N = 196; D = 768, 12 heads, k = 6. The op must read u
+(F x (N+1) x D) and the two logit maps and write A, Dyn, S (fp32), R, g and v; its backward reads
+dg, dv and the saved maps and writes the two logit gradients. GB/s counts those bytes once.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
+from typing import Any, Dict, List
 
-import pytest
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import bench_ms, copy_bandwidth_gbs, provenance, require_cuda, write_json  # noqa: E402
+from common import Case, measure  # noqa: E402
+
+SHAPES = {"vit_b32": (1536, 49), "vit_b16": (384, 196)}
+QUICK_SHAPES = {"vit_b32_small": (24, 49)}
+WIDTH, HEADS, K, ALPHA, BETA = 768, 12, 6, 0.4, 4.0
+IMPLS = ("stop_fast", "pytorch", "pytorch_compiled")
 
 
-def make_inputs(frames=1536, n=49, width=768, heads=12, dtype=torch.bfloat16, seed=0):
+def make_inputs(device: torch.device, frames: int, n: int, seed: int = 0):
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(frames, n + 1, width, generator=g).to("cuda", dtype)
-    keys = (torch.randn(heads, width, generator=g) * width**-0.5).cuda()
-    bias = torch.randn(heads, generator=g).cuda()
-    dyn = torch.randn(frames, n, generator=g).cuda().requires_grad_()
-    w = torch.randn(frames, n, generator=g).cuda().requires_grad_()
-    return u, keys, bias, dyn, w
+    u = torch.randn(frames, n + 1, WIDTH, generator=g).to(device, dtype)
+    keys = (torch.randn(HEADS, WIDTH, generator=g) * WIDTH**-0.5).to(device)
+    bias = torch.randn(HEADS, generator=g).to(device)
+    dyn = torch.randn(frames, n, generator=g).to(device).requires_grad_()
+    w = torch.randn(frames, n, generator=g).to(device).requires_grad_()
+    dg = torch.randn(frames, K, generator=g).to(device)
+    dv = torch.randn(frames, generator=g).to(device)
+    return u, keys, bias, dyn, w, dg, dv
 
 
-def measure(k=6):
+def scoring_function(impl: str):
     from stop_fast.kernels.scoring import patch_scores, patch_scores_reference
 
-    u, keys, bias, dyn, w = make_inputs()
+    if impl == "stop_fast":
+        return lambda *a: patch_scores(*a, check_inputs=False)
+    if impl == "pytorch":
+        return patch_scores_reference
+    return torch.compile(patch_scores_reference)
+
+
+def min_bytes(u: torch.Tensor) -> Dict[str, int]:
     frames, length, width = u.shape
     n = length - 1
-    fwd_bytes = u.numel() * u.element_size() + 2 * frames * n * 4 + 3 * frames * n * 4 + frames * k * 12 + frames * 4
-    bwd_bytes = frames * (k * 12 + 4) + 4 * frames * n * 4 + 2 * frames * n * 4
-    dg, dv = torch.randn(frames, k, device="cuda"), torch.randn(frames, device="cuda")
-    copy = copy_bandwidth_gbs()
-    rows = {}
-    for name, fn in (("triton_fused", patch_scores), ("pytorch", patch_scores_reference)):
-        def fwd(fn=fn):
-            return fn(u, keys, bias, dyn, w, k, 0.4, 4.0, **({"check_inputs": False} if fn is patch_scores else {}))
-
-        out = fwd()
-        fwd_ms = bench_ms(fwd)
-
-        def fwd_bwd():
-            r = fwd()
-            torch.autograd.backward([r.gate, r.variation], [dg, dv])
-
-        both_ms = bench_ms(fwd_bwd)
-        rows[name] = {"forward_ms": fwd_ms, "forward_backward_ms": both_ms,
-                      "forward_gbs": fwd_bytes / fwd_ms / 1e6,
-                      "forward_fraction_of_copy": fwd_bytes / fwd_ms / 1e6 / copy}
-        print(f"{name:14s} fwd {fwd_ms:7.3f} ms  {rows[name]['forward_gbs']:7.0f} GB/s "
-              f"({100 * rows[name]['forward_fraction_of_copy']:.0f}% of copy)   fwd+bwd {both_ms:7.3f} ms")
-        del out
-    return {"shape": {"frames": frames, "patches": n, "width": width, "heads": keys.shape[0], "k": k, "u_dtype": "bf16"},
-            "bytes": {"forward": fwd_bytes, "backward": bwd_bytes}, "copy_gbs": copy, "results": rows,
-            "speedup_forward_backward": rows["pytorch"]["forward_backward_ms"] / rows["triton_fused"]["forward_backward_ms"]}
+    forward = u.numel() * u.element_size() + 2 * frames * n * 4 + 3 * frames * n * 4 + frames * K * 12 + frames * 4
+    backward = frames * (K * 4 + 4) + 4 * frames * n * 4 + 2 * frames * n * 4  # dg, dv, saved maps in; 2 grads out
+    return {"forward": forward, "forward_backward": forward + backward}
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results/scoring.json")
-    args = parser.parse_args()
-    if not require_cuda("bench_scoring"):
-        return 0
-    write_json(args.out, {**provenance(), **measure()})
-    return 0
+def run_case(ctx, shape, impl: str, step: str) -> Dict[str, Any]:
+    from stop_fast.kernels.dispatch import use_triton
+
+    u, keys, bias, dyn, w, dg, dv = make_inputs(ctx.device, *shape)
+    fn = scoring_function(impl)
+
+    def forward():
+        with torch.no_grad():
+            return fn(u, keys, bias, dyn, w, K, ALPHA, BETA)
+
+    def forward_backward():
+        r = fn(u, keys, bias, dyn, w, K, ALPHA, BETA)
+        torch.autograd.grad([r.gate, r.variation], [dyn, w], [dg, dv])
+
+    timed = forward if step == "forward" else forward_backward
+    timing = measure(timed, ctx.device, flush_l2=True, **ctx.op_timing)
+    nbytes = min_bytes(u)[step]
+    record = {**timing, "frames": shape[0], "patches": shape[1], "width": WIDTH, "heads": HEADS, "k": K,
+              "u_dtype": str(u.dtype).split(".")[-1], "min_bytes": nbytes,
+              "gbs": nbytes / (timing["median_ms"] / 1e3) / 1e9,
+              "backend": ("triton" if use_triton(u) else "pytorch") if impl == "stop_fast" else "pytorch"}
+    if ctx.ceilings.get("copy_gbs"):
+        record["fraction_of_copy_bandwidth"] = record["gbs"] / ctx.ceilings["copy_gbs"]
+    return record
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_patch_scores_forward(benchmark):
-    from stop_fast.kernels import patch_scores
-
-    u, keys, bias, dyn, w = make_inputs()
-
-    def step():
-        patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0, check_inputs=False)
-        torch.cuda.synchronize()
-
-    benchmark(step)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def cases(ctx) -> List[Case]:
+    out = []
+    for name, shape in (QUICK_SHAPES if ctx.quick else SHAPES).items():
+        for impl in IMPLS:
+            if impl == "pytorch_compiled" and ctx.device.type == "cpu" and (ctx.quick or not ctx.compile_on_cpu):
+                continue  # a minute of CPU compile per case; the quick CPU run compiles only the model
+            for step in ("forward", "forward_backward"):
+                out.append(Case(f"scoring/{name}/{impl}/{step}",
+                                lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
+                                estimate_s=30 if impl == "pytorch_compiled" else 5,
+                                priority=1 if impl == "pytorch_compiled" else 0))
+    return out
