@@ -6,6 +6,6 @@ tensors when ``TRITON_INTERPRET=1`` was set before triton was imported; elsewher
 """
 from .packing import cu_seqlens_from_counts, pack_sequences
 from .scoring import PatchScores, patch_scores
-from .varlen_attention import varlen_attention
+from .attention import varlen_attention
 
 __all__ = ["varlen_attention", "patch_scores", "PatchScores", "pack_sequences", "cu_seqlens_from_counts"]

@@ -91,6 +91,6 @@ def all_cases() -> List[CompileCase]:
     import importlib
 
     cases: List[CompileCase] = []
-    for name in ("varlen_attention", "scoring", "packing"):
+    for name in ("attention", "scoring", "packing"):
         cases.extend(importlib.import_module(f"{__package__}.{name}").compile_cases())
     return cases

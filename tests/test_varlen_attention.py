@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from stop_fast.kernels import varlen_attention
-from stop_fast.kernels.varlen_attention import compile_cases, varlen_attention_reference
+from stop_fast.kernels.attention import compile_cases, varlen_attention_reference
 
 from kernel_checks import assert_compiles_without_spills, assert_within_rule
 
-va_module = importlib.import_module("stop_fast.kernels.varlen_attention")
+va_module = importlib.import_module("stop_fast.kernels.attention")
 
 
 def _cu(lengths, device="cpu"):
