@@ -46,13 +46,15 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._triton import jit, tl, triton
-from .aot import CompileCase
-from .dispatch import use_triton
+from ._triton import jit, round_to, tl, triton
+from .aot import CompileCase, pointers
+from .dispatch import interpreter_enabled, use_triton
 
 BLOCK_R = 16
 # 16 rows x 128 (16-bit) or 64 (fp32) columns over 4 warps: two 16-byte vectors per thread and tensor.
 NUM_WARPS = 4
+# Triton's default pipelining depth, as the measured launches had it; compile_cases uses the same value
+NUM_STAGES = 3
 # every 16-bit or fp32 row of a width divisible by 8 starts on a 16-byte boundary
 ALIGN_BYTES = 16
 
@@ -126,6 +128,7 @@ def _pack_fwd_kernel(
     total_tokens, N, D, K, RHO,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -150,7 +153,7 @@ def _pack_fwd_kernel(
         if HAS_INTRA:
             p = tl.load(_vec(intra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
                         mask=has_prompt[:, None] & cmask, other=0.0)
-            val = (val.to(tl.float32) + g[:, None] * p.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            val = round_to(val.to(tl.float32) + g[:, None] * p.to(tl.float32), x_ptr.dtype.element_ty, INTERPRETER)
         if HAS_INTER:
             t = tl.load(_vec(inter_ptr + inter_row[:, None] * D + cols[None, :], ALIGNED),
                         mask=from_inter[:, None] & cmask, other=0.0)
@@ -165,6 +168,7 @@ def _pack_bwd_kernel(
     total_tokens, N, D, K, RHO,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -197,7 +201,8 @@ def _pack_bwd_kernel(
             dx32 = dx.to(tl.float32)
             g_acc += tl.sum(dx32 * p.to(tl.float32), axis=1)
             tl.store(_vec(dintra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
-                     (g[:, None] * dx32).to(dintra_ptr.dtype.element_ty), mask=has_prompt[:, None] & cmask)
+                     round_to(g[:, None] * dx32, dintra_ptr.dtype.element_ty, INTERPRETER),
+                     mask=has_prompt[:, None] & cmask)
     if HAS_INTRA:
         tl.store(dgate_ptr + f * K + slot, g_acc, mask=has_prompt)
         if tl.program_id(1) == 0:
@@ -243,7 +248,8 @@ def _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, 
         x, total_tokens, n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
-        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), num_warps=NUM_WARPS,
+        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), INTERPRETER=interpreter_enabled(),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return x
 
@@ -270,7 +276,8 @@ def _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
         dx.shape[0], n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
-        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), num_warps=NUM_WARPS,
+        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), INTERPRETER=interpreter_enabled(),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return dz, dgate, dintra, dinter
 
@@ -551,7 +558,7 @@ def compile_cases() -> List[CompileCase]:
             for aligned in (True, False):
                 p = types[intra_dtype] if intra_dtype is not None else t
                 constexprs = dict(HAS_INTRA=has_intra, HAS_INTER=has_inter, BLOCK_R=BLOCK_R,
-                                  BLOCK_D=_block_d(dtype), BLOCK_K=BLOCK_K, ALIGNED=aligned)
+                                  BLOCK_D=_block_d(dtype), BLOCK_K=BLOCK_K, ALIGNED=aligned, INTERPRETER=False)
                 cexpr = {name: "constexpr" for name in constexprs}
                 ints = {"total_tokens": "i32", "N": "i32", "D": "i32", "K": "i32", "RHO": "i32"}
                 tag = f"{t}_intra{p if has_intra else 0}_inter{int(has_inter)}_{'aligned' if aligned else 'any'}"
@@ -561,6 +568,10 @@ def compile_cases() -> List[CompileCase]:
                 bwd = {"dx_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
                        "gate_ptr": "*fp32", "intra_ptr": f"*{p}", "dz_ptr": f"*{t}", "dgate_ptr": "*fp32",
                        "dintra_ptr": f"*{p}", "dinter_ptr": f"*{t}", **ints, **cexpr}
-                cases.append(CompileCase(f"pack_fwd_{tag}", _pack_fwd_kernel, fwd, constexprs, num_warps=NUM_WARPS))
-                cases.append(CompileCase(f"pack_bwd_{tag}", _pack_bwd_kernel, bwd, constexprs, num_warps=NUM_WARPS))
+                for name, kernel, sig in (("fwd", _pack_fwd_kernel, fwd), ("bwd", _pack_bwd_kernel, bwd)):
+                    # the wrappers pass 16-byte aligned bases; D (128, 768, 1024) is a multiple of 16
+                    # where rows are aligned
+                    cases.append(CompileCase(f"pack_{name}_{tag}", kernel, sig, constexprs, num_warps=NUM_WARPS,
+                                             num_stages=NUM_STAGES,
+                                             aligned=pointers(sig) + (("D",) if aligned else ())))
     return cases
