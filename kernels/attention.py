@@ -9,40 +9,44 @@ head_dim)`` instead and returns its gradient in one buffer of that shape.
 Forward kernel: one program per (query block of BLOCK_M rows, sequence, head). It walks the key blocks
 of its own sequence with the online softmax (running max m and sum l, in base 2 so ``exp2`` does the
 work), accumulating ``P V`` in fp32; no L x L matrix ever reaches memory. It stores the output and,
-per row, the final m (log2 units) and l: the softmax statistics, fp32, ``(2, heads, total_tokens)``.
+per row, the final m (log2 units) and l: the softmax statistics, fp32, ``(2, heads, total_tokens)``
+(``return_lse`` turns them into flash-attention's natural-log ``softmax_lse``).
 
-Backward, for a sequence that fits one block (every ViT-B/32 frame: 50-62 tokens): one program per
-(sequence, head) reads q, k, v and dO once, recomputes ``P = exp2(scale_log2 q k^T - m) / l``, and
-forms ``dV = P^T dO``, ``dP = dO V^T``, ``delta_i = sum_j P_ij dP_ij``, ``dS = P * (dP - delta)``,
-``dQ = scale dS K`` and ``dK = scale dS^T Q`` in registers (the single-pass kernel). Longer sequences
-take FlashAttention-2's route, no atomics: ``delta_i = <dO_i, O_i>`` (a small row-reduction kernel),
-then one kernel per (key block, sequence, head) accumulating dK, dV over the query blocks and one per
-(query block, sequence, head) accumulating dQ over the key blocks, both recomputing P block by block.
-In a batch mixing both, each sequence goes to exactly one of the two routes.
+Backward, for sequences that fit one block (up to 64 tokens in 16-bit: every ViT-B/32 frame, 50-62
+tokens): one program per (sequence, head) reads q, k, v and dO once and writes dq, dk, dv once (the
+single-pass kernel). It recomputes the scores, normalises ``P = softmax`` from them, and forms
+``dV = P^T dO``, ``dP = dO V^T``, ``delta_i = sum_j P_ij dP_ij``, ``dS = P * (dP - delta)``,
+``dQ = scale dS K`` and ``dK = scale dS^T Q`` in registers. Longer sequences take FlashAttention-2's
+route, no atomics: ``delta_i = <dO_i, O_i>`` (a small row-reduction kernel), then one kernel per (key
+block, sequence, head) accumulating dK, dV over the query blocks and one per (query block, sequence,
+head) accumulating dQ over the key blocks, both recomputing ``P = exp2(s - m) / l`` block by block
+from the forward's statistics. In a batch mixing both, each sequence goes to exactly one route.
 
-Accuracy in fp32 (why the statistics are m and l, and why delta comes from P where it can):
-short sequences exposed two rounding effects that PyTorch's own fp32 attention does not have.
-(1) A stored logsumexp ``lse = m + log2 l`` is a number of magnitude |m|; rounding it to fp32 moves
-it by up to half an ulp of |m| (5e-7 at |m| ~ 8), i.e. a relative error of every recomputed P that
-is several times fp32's epsilon and the same along the whole row. Recomputing ``exp2(s - m) / l``
-keeps the subtraction exact for the large entries and rounds the normalisation once. (2)
-``delta = <dO, O>`` from the stored output is mathematically ``sum_j P_ij dP_ij`` but is not that sum
-in floating point: the rows of dS then do not sum to zero, and the leftover ``err * P_ij`` adds
-``scale * err * sum_j P_ij k_j`` to dQ (likewise dK). Over long sequences the weighted mean of k is
-small and the leftover averages out; over 1-3 tokens it is as large as k itself, which made dQ and dK
-miss the 2x rule by up to 2.4x at lengths 1-3 (1.4x at 8). The single-pass kernel computes delta from
-the P and dP it holds, as PyTorch's softmax backward does, so every row of dS sums to zero up to one
-rounding; the blockwise route (sequences longer than one block) keeps ``<dO, O>``, where the effect
-is within the rule. ``tests/test_varlen_attention.py`` ports flash-attention's varlen lengths
-(including 1-3 tokens and empty sequences) and checks both routes against float64.
+Accuracy of the backward over short sequences (why the single-pass kernel normalises P itself and
+takes delta from P). FlashAttention-2's recomputation, ``P = exp2(s - lse)`` with the forward's
+logsumexp and ``delta = <dO, O>`` with the forward's output, is exact in exact arithmetic only: in
+floating point the backward's scores are not bit for bit the forward's (another summation order of
+``q . k``, another rounding of the scale, an fp32 ``lse = m + log2 l`` rounded at the magnitude of m),
+so the recomputed rows of P sum to 1 only within a few ulps, and ``<dO, O>`` is not ``sum_j P_ij dP_ij``
+of that P. The rows of dS then do not sum to zero; the leftover ``err * P_ij`` adds
+``scale * err * sum_j P_ij k_j`` to dQ (likewise dK) and the normalisation error goes straight into
+dV. Over long sequences these errors average out (the weighted mean of k is small); over 1-3 tokens
+they are as large as the terms themselves: in fp32 with flash-attention's own test epsilon, dQ and dK
+missed the 2x rule by up to 4.6x at lengths 1-3 and 2.2x at 4-8 (measured with the interpreter). The
+single-pass kernel computes P as a softmax of the scores it holds and delta from that P and dP, as
+PyTorch's softmax backward does: every row of P sums to 1 and every row of dS to 0 up to one
+rounding, and the errors match PyTorch's (at most 0.9x of flash-attention's allowance on the same
+draws). ``tests/test_varlen_attention.py`` ports flash-attention's varlen lengths, empty sequences
+included, and checks both routes against float64 in fp32, fp16 and bf16.
 
 Block sizes: each kernel is autotuned over a small set of (BLOCK_M, BLOCK_N, warps, stages) per dtype
 and head dim (``_gpu_candidates``), keyed on max_seqlen rounded up to a power of two; the single-pass
 kernel's block is max_seqlen rounded up, its warps are tuned. Every candidate compiles for sm_90
 without spills (``compile_cases`` lists them all for CI). Under Triton's interpreter, which runs
-programs one after another and ignores registers, each set collapses to one config. The interpreter's
-``tl.dot`` on bfloat16 returns garbage, so there every dot upcasts its (already rounded) 16-bit
-operands to fp32, which is what a tensor core computes (exact products, fp32 accumulation).
+programs one after another and ignores registers, each set collapses to one config. The interpreter
+gets bfloat16 wrong (garbage ``tl.dot``, truncating downcasts); the kernels' ``INTERPRETER`` flag
+routes dots and 16-bit roundings through ``_triton.dot`` / ``_triton.round_to``, which compute there
+what a GPU computes, and change nothing in compiled kernels.
 
 Robustness: programs of query blocks past a sequence's end return at once, and empty sequences read
 and write nothing. Each program clamps its sequence's bounds into ``[0, total_tokens]``, so even
