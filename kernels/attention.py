@@ -320,9 +320,12 @@ _FUSED_LIMIT = {(True, 16): 64, (True, 32): 64, (True, 64): 64, (True, 128): 64,
 def _gpu_candidates(kernel: str, dtype: torch.dtype, head_dim: int) -> List[Tuple[int, int, int, int]]:
     """The configs ``kernel`` ("fwd", "bwd_dkdv", "bwd_dq") is autotuned over on a GPU."""
     if dtype == torch.float32:
-        # 32 x 32 tiles: head dim 128 needs 8 warps to hold the fp32 operands; below, 4 warps without
-        # pipelining (ptxas spilled 8-16 bytes of dQ at head dim 32 with two stages)
-        return [(16, 16, 4, 1), (32, 32, 4, 1) if head_dim <= 64 else (32, 32, 8, 2)]
+        # 32 x 32 tiles: head dim 128 needs 8 warps to hold the fp32 operands. The pipelining depth that
+        # leaves dQ without spills depends on the head dim (ptxas: 8 bytes at head dim 32 with two
+        # stages, 36 bytes at 128 with one)
+        if head_dim <= 64:
+            return [(16, 16, 4, 1), (32, 32, 4, 1)]
+        return [(16, 16, 4, 2), (32, 32, 8, 2)]
     return list(_CANDIDATES_16BIT[(kernel, head_dim <= 64)])
 
 
