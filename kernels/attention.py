@@ -310,9 +310,10 @@ _INTERPRETER_CONFIG = (64, 64, 4, 1)
 
 # The single-pass backward: the longest sequence it takes, by (16-bit, head_dim), and the (warps,
 # stages) it is tuned over at each block size (the block is max_seqlen rounded up to 16, 32 or 64).
-# From ptxas (sm_90): 16-bit at 64 rows needs 155-162 registers (head dim 64), so 4 warps fit three
-# CTAs per SM; at head dim 128, 4 warps spill and 8 warps take 158. fp32 (IEEE dots on CUDA cores)
-# holds 32 rows up to head dim 64 (8 warps) and 16 rows at 128.
+# From ptxas (sm_90, the launch's specialisation): 16-bit at 64 rows and head dim 64 needs 150
+# registers over 4 warps (three CTAs per SM) and 126 over 8; at head dim 128, 4 warps spill and 8
+# take 142. fp32 (IEEE dots on CUDA cores) holds 32 rows up to head dim 64 (8 warps; 64 rows would
+# need 255+ registers) and 16 rows at head dim 128.
 _FUSED_LIMIT = {(True, 16): 64, (True, 32): 64, (True, 64): 64, (True, 128): 64,
                 (False, 16): 32, (False, 32): 32, (False, 64): 32, (False, 128): 16}
 
