@@ -72,7 +72,7 @@ HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
-DELTA_ROWS = 64  # (token, head) rows per program of the backward's delta pass
+DELTA_ROWS = 64  # tokens per program of the backward's delta pass (one head each)
 DELTA_WARPS, DELTA_STAGES = 4, 1
 
 
@@ -184,18 +184,18 @@ def _attn_bwd_fused_kernel(
 
 
 @jit
-def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, rows_total, num_heads, total,
+def _attn_bwd_delta_kernel(o_ptr, do_ptr, delta_ptr, num_heads, total,
                            HEAD_DIM: tl.constexpr, BLOCK_T: tl.constexpr):
-    """delta[head, token] = <dO[token, head], O[token, head]> in fp32, over the (token, head) rows of
-    the contiguous layouts."""
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    """delta[head, token] = <dO[token, head], O[token, head]> in fp32, for BLOCK_T tokens of one head:
+    rows of HEAD_DIM contiguous values in, one contiguous run of delta out."""
+    head = tl.program_id(1)
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     dims = tl.arange(0, HEAD_DIM)
-    ok = rows < rows_total
-    offs = rows.to(tl.int64)[:, None] * HEAD_DIM + dims[None, :]
+    ok = tokens < total
+    offs = (tokens.to(tl.int64) * num_heads + head)[:, None] * HEAD_DIM + dims[None, :]
     o = tl.load(o_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(do_ptr + offs, mask=ok[:, None], other=0.0).to(tl.float32)
-    token = rows // num_heads
-    tl.store(delta_ptr + (rows - token * num_heads) * total + token, tl.sum(o * do, axis=1), mask=ok)
+    tl.store(delta_ptr + head * total + tokens, tl.sum(o * do, axis=1), mask=ok)
 
 
 @jit
@@ -408,8 +408,8 @@ def _launch_backward(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, dq,
         return
     # sequences longer than one block: FlashAttention-2's two kernels, which skip the short ones
     delta = torch.empty(heads, total, dtype=torch.float32, device=q.device)
-    _attn_bwd_delta_kernel[(triton.cdiv(total * heads, DELTA_ROWS),)](
-        out, do, delta, total * heads, heads, total, HEAD_DIM=head_dim, BLOCK_T=DELTA_ROWS,
+    _attn_bwd_delta_kernel[(triton.cdiv(total, DELTA_ROWS), heads)](
+        out, do, delta, heads, total, HEAD_DIM=head_dim, BLOCK_T=DELTA_ROWS,
         num_warps=DELTA_WARPS, num_stages=DELTA_STAGES)
     grid_n = lambda meta: (triton.cdiv(max_seqlen, meta["BLOCK_N"]), num_seqs, heads)  # noqa: E731
     _tuned("bwd_dkdv", q.dtype, head_dim)[grid_n](
