@@ -3,9 +3,12 @@
 Functional entry points only; each op is a ``torch.library`` custom op with a registered autograd
 formula, so ``torch.compile`` traces models that use them. Triton runs for CUDA tensors, and for CPU
 tensors when ``TRITON_INTERPRET=1`` was set before triton was imported; elsewhere PyTorch does.
+Modules: ``attention`` (varlen attention), ``scoring`` (patch scores and top-K), ``packing``
+(packed sequence build).
 """
+from .attention import varlen_attention, varlen_attention_qkvpacked
 from .packing import cu_seqlens_from_counts, pack_sequences
 from .scoring import PatchScores, patch_scores
-from .varlen_attention import varlen_attention
 
-__all__ = ["varlen_attention", "patch_scores", "PatchScores", "pack_sequences", "cu_seqlens_from_counts"]
+__all__ = ["varlen_attention", "varlen_attention_qkvpacked", "patch_scores", "PatchScores", "pack_sequences",
+           "cu_seqlens_from_counts"]

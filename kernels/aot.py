@@ -6,7 +6,12 @@ kernel compiles at every configuration it ships (the interpreter accepts program
 refuses), and ``python -m stop_fast.kernels.compile_report`` prints the report.
 
 Each kernel module lists its shipped configurations in a ``compile_cases()`` function returning
-:class:`CompileCase` objects.
+:class:`CompileCase` objects, each with the ``num_warps`` / ``num_stages`` it is launched with and the
+specialisation Triton gives a canonical launch: at run time Triton marks every pointer argument that
+is 16-byte aligned and every int argument that is a multiple of 16 (``tt.divisibility = 16``), which
+lets the compiler vectorise loads. That changes register counts a lot (the 16-bit attention forward
+at 64 x 64 over 4 warps: 248 registers unspecialised, 135 specialised), so a report without it
+describes a kernel that never runs.
 """
 from __future__ import annotations
 
@@ -15,7 +20,7 @@ import os
 import re
 import subprocess
 import tempfile
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 ARCHS = (90, 80)
 
@@ -30,6 +35,8 @@ class CompileCase:
     constexprs: Dict[str, Any]
     num_warps: int = 4
     num_stages: int = 2
+    # arguments a canonical launch passes 16-byte aligned (pointers) or as multiples of 16 (ints)
+    aligned: Tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +60,9 @@ def compile_case(case: CompileCase, arch: int = 90) -> CompileReport:
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import get_ptxas
 
-    src = triton.compiler.ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs)
+    names = list(case.signature)
+    attrs = {(names.index(name),): [["tt.divisibility", 16]] for name in case.aligned}
+    src = triton.compiler.ASTSource(fn=case.kernel, signature=case.signature, constexprs=case.constexprs, attrs=attrs)
     compiled = triton.compile(
         src,
         target=GPUTarget("cuda", arch, 32),
@@ -86,11 +95,16 @@ def compile_case(case: CompileCase, arch: int = 90) -> CompileReport:
     )
 
 
+def pointers(signature: Dict[str, str]) -> Tuple[str, ...]:
+    """The pointer arguments of a signature (what a launch with fresh tensors passes aligned)."""
+    return tuple(name for name, kind in signature.items() if kind.startswith("*"))
+
+
 def all_cases() -> List[CompileCase]:
     """Every shipped configuration of every kernel module."""
     import importlib
 
     cases: List[CompileCase] = []
-    for name in ("varlen_attention", "scoring", "packing"):
+    for name in ("attention", "scoring", "packing"):
         cases.extend(importlib.import_module(f"{__package__}.{name}").compile_cases())
     return cases

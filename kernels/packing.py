@@ -27,10 +27,11 @@ row block writes zero gradients for slots that select nothing (duplicates, indic
 so those are written exactly once too.
 
 Bandwidth. A pure copy-like kernel: at ViT-B/32 shapes it moves ~2 x 146 MB per direction. Two
-things matter and both are visible in the sm_90 compile report: 16-byte vector accesses (D is a
-constexpr, so row starts have known alignment, and ``_vec`` tells the compiler the base pointers are
-16-byte aligned, which the launch wrappers guarantee by copying any misaligned view), and few
-registers per thread (many programs in flight per SM).
+things matter and both are visible in the sm_90 compile report: 16-byte vector accesses (``_vec``
+tells the compiler that row segments start 16-byte aligned: the launch wrappers guarantee aligned
+bases by copying any misaligned view, and Triton marks the widths of the shipped models, multiples of
+16, as such), and few registers per thread (many programs in flight per SM): 64-bit scalar bases per
+program with 32-bit offsets inside a frame.
 
 Robustness with ``check_inputs=False``: counts are clamped to 0..rho, the k indices only ever match
 rows 1..N, output rows outside 0..total_tokens-1 are masked, so no bad value makes a kernel read or
@@ -46,13 +47,18 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ._triton import jit, tl, triton
-from .aot import CompileCase
-from .dispatch import use_triton
+from ._triton import jit, round_to, tl, triton
+from .aot import CompileCase, pointers
+from .dispatch import interpreter_enabled, use_triton
 
 BLOCK_R = 16
-# 16 rows x 128 (16-bit) or 64 (fp32) columns over 4 warps: two 16-byte vectors per thread and tensor.
-NUM_WARPS = 4
+# 16 rows x 128 (16-bit) or 64 (fp32) columns over 8 warps: one 16-byte vector per thread and tensor.
+# Measured with ptxas for sm_90 at the launch's specialisation: 30-48 registers in the aligned
+# variants, no spills; 4 warps (two vectors per thread) left a 4-byte spill with fp16 tokens and fp32
+# prompts.
+NUM_WARPS = 8
+# Triton's default pipelining depth, as the measured launches had it; compile_cases uses the same value
+NUM_STAGES = 3
 # every 16-bit or fp32 row of a width divisible by 8 starts on a 16-byte boundary
 ALIGN_BYTES = 16
 
@@ -126,6 +132,7 @@ def _pack_fwd_kernel(
     total_tokens, N, D, K, RHO,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -134,28 +141,34 @@ def _pack_fwd_kernel(
     valid = exists & (out_row >= 0) & (out_row < total_tokens)
     from_z = valid & (rows <= N)
     from_inter = valid & (rows > N)
+    # 64-bit scalar bases per program, 32-bit offsets within the frame: no 64-bit address per element
+    frame = f.to(tl.int64)
+    x_ptr += start * D
+    z_ptr += frame * (N + 1) * D
+    z_off = tl.minimum(rows, N) * D
     if HAS_INTRA:
         has_prompt, slot = _slot_of_rows(idx_ptr, f, rows, N, K, BLOCK_K)
         has_prompt = has_prompt & from_z
         g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0)
-        p_row = (f * K + slot).to(tl.int64)
-    z_row = (f * (N + 1) + tl.minimum(rows, N)).to(tl.int64)
-    inter_row = (f * RHO + tl.maximum(rows - N - 1, 0)).to(tl.int64)
+        intra_ptr += frame * K * D
+        p_off = slot * D
+    if HAS_INTER:
+        inter_ptr += frame * RHO * D
+        inter_off = tl.maximum(rows - N - 1, 0) * D
 
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols[None, :] < D
-        val = tl.load(_vec(z_ptr + z_row[:, None] * D + cols[None, :], ALIGNED),
-                      mask=from_z[:, None] & cmask, other=0.0)
+        val = tl.load(_vec(z_ptr + z_off[:, None] + cols[None, :], ALIGNED), mask=from_z[:, None] & cmask, other=0.0)
         if HAS_INTRA:
-            p = tl.load(_vec(intra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
+            p = tl.load(_vec(intra_ptr + p_off[:, None] + cols[None, :], ALIGNED),
                         mask=has_prompt[:, None] & cmask, other=0.0)
-            val = (val.to(tl.float32) + g[:, None] * p.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            val = round_to(val.to(tl.float32) + g[:, None] * p.to(tl.float32), x_ptr.dtype.element_ty, INTERPRETER)
         if HAS_INTER:
-            t = tl.load(_vec(inter_ptr + inter_row[:, None] * D + cols[None, :], ALIGNED),
+            t = tl.load(_vec(inter_ptr + inter_off[:, None] + cols[None, :], ALIGNED),
                         mask=from_inter[:, None] & cmask, other=0.0)
             val = tl.where(from_inter[:, None], t, val)
-        tl.store(_vec(x_ptr + out_row[:, None] * D + cols[None, :], ALIGNED), val, mask=valid[:, None] & cmask)
+        tl.store(_vec(x_ptr + rows[:, None] * D + cols[None, :], ALIGNED), val, mask=valid[:, None] & cmask)
 
 
 @jit
@@ -165,6 +178,7 @@ def _pack_bwd_kernel(
     total_tokens, N, D, K, RHO,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
+    INTERPRETER: tl.constexpr,
 ):
     f = tl.program_id(0)
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -173,31 +187,37 @@ def _pack_bwd_kernel(
     readable = exists & (in_row >= 0) & (in_row < total_tokens)
     to_z = rows <= N
     to_inter = (rows > N) & (rows < N + 1 + RHO)
+    frame = f.to(tl.int64)
+    dx_ptr += start * D
+    dz_ptr += frame * (N + 1) * D
+    z_off = tl.minimum(rows, N) * D
     if HAS_INTRA:
         has_prompt, slot = _slot_of_rows(idx_ptr, f, rows, N, K, BLOCK_K)
         has_prompt = has_prompt & to_z
         g = tl.load(gate_ptr + f * K + slot, mask=has_prompt, other=0.0)
-        p_row = (f * K + slot).to(tl.int64)
+        intra_rows = intra_ptr + frame * K * D  # this frame's k prompts, and their gradients
+        dintra_rows = dintra_ptr + frame * K * D
+        p_off = slot * D
         g_acc = tl.zeros([BLOCK_R], dtype=tl.float32)
-    z_row = (f * (N + 1) + tl.minimum(rows, N)).to(tl.int64)
-    inter_row = (f * RHO + tl.maximum(rows - N - 1, 0)).to(tl.int64)
+    if HAS_INTER:
+        dinter_ptr += frame * RHO * D
+        inter_off = tl.maximum(rows - N - 1, 0) * D
 
     for d0 in range(0, D, BLOCK_D):
         cols = d0 + tl.arange(0, BLOCK_D)
         cmask = cols[None, :] < D
-        dx = tl.load(_vec(dx_ptr + in_row[:, None] * D + cols[None, :], ALIGNED),
-                     mask=readable[:, None] & cmask, other=0.0)
-        tl.store(_vec(dz_ptr + z_row[:, None] * D + cols[None, :], ALIGNED), dx, mask=to_z[:, None] & cmask)
+        dx = tl.load(_vec(dx_ptr + rows[:, None] * D + cols[None, :], ALIGNED), mask=readable[:, None] & cmask, other=0.0)
+        tl.store(_vec(dz_ptr + z_off[:, None] + cols[None, :], ALIGNED), dx, mask=to_z[:, None] & cmask)
         if HAS_INTER:
-            tl.store(_vec(dinter_ptr + inter_row[:, None] * D + cols[None, :], ALIGNED), dx,
-                     mask=to_inter[:, None] & cmask)
+            tl.store(_vec(dinter_ptr + inter_off[:, None] + cols[None, :], ALIGNED), dx, mask=to_inter[:, None] & cmask)
         if HAS_INTRA:
-            p = tl.load(_vec(intra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
+            p = tl.load(_vec(intra_rows + p_off[:, None] + cols[None, :], ALIGNED),
                         mask=has_prompt[:, None] & cmask, other=0.0)
             dx32 = dx.to(tl.float32)
             g_acc += tl.sum(dx32 * p.to(tl.float32), axis=1)
-            tl.store(_vec(dintra_ptr + p_row[:, None] * D + cols[None, :], ALIGNED),
-                     (g[:, None] * dx32).to(dintra_ptr.dtype.element_ty), mask=has_prompt[:, None] & cmask)
+            tl.store(_vec(dintra_rows + p_off[:, None] + cols[None, :], ALIGNED),
+                     round_to(g[:, None] * dx32, dintra_ptr.dtype.element_ty, INTERPRETER),
+                     mask=has_prompt[:, None] & cmask)
     if HAS_INTRA:
         tl.store(dgate_ptr + f * K + slot, g_acc, mask=has_prompt)
         if tl.program_id(1) == 0:
@@ -208,7 +228,7 @@ BLOCK_K = 8  # topk indices compared with a row block 8 at a time (k = 6 by defa
 
 
 def _block_d(dtype: torch.dtype) -> int:
-    # 16 rows x BLOCK_D over 4 warps = two 16-byte vectors per thread: 128 columns of a 16-bit dtype,
+    # 16 rows x BLOCK_D over 8 warps = one 16-byte vector per thread: 128 columns of a 16-bit dtype,
     # 64 of fp32. D is a runtime argument (a constexpr D lets the compiler unroll the column loop and
     # hoist its loads: 250+ registers), so one compiled kernel serves every width.
     return 128 if dtype.itemsize <= 2 else 64
@@ -243,7 +263,8 @@ def _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, 
         x, total_tokens, n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
-        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), num_warps=NUM_WARPS,
+        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), INTERPRETER=interpreter_enabled(),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return x
 
@@ -270,7 +291,8 @@ def _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
         dx.shape[0], n, width, max(k, 1), max(rho, 1),
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
-        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), num_warps=NUM_WARPS,
+        ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), INTERPRETER=interpreter_enabled(),
+        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return dz, dgate, dintra, dinter
 
@@ -551,7 +573,7 @@ def compile_cases() -> List[CompileCase]:
             for aligned in (True, False):
                 p = types[intra_dtype] if intra_dtype is not None else t
                 constexprs = dict(HAS_INTRA=has_intra, HAS_INTER=has_inter, BLOCK_R=BLOCK_R,
-                                  BLOCK_D=_block_d(dtype), BLOCK_K=BLOCK_K, ALIGNED=aligned)
+                                  BLOCK_D=_block_d(dtype), BLOCK_K=BLOCK_K, ALIGNED=aligned, INTERPRETER=False)
                 cexpr = {name: "constexpr" for name in constexprs}
                 ints = {"total_tokens": "i32", "N": "i32", "D": "i32", "K": "i32", "RHO": "i32"}
                 tag = f"{t}_intra{p if has_intra else 0}_inter{int(has_inter)}_{'aligned' if aligned else 'any'}"
@@ -561,6 +583,10 @@ def compile_cases() -> List[CompileCase]:
                 bwd = {"dx_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
                        "gate_ptr": "*fp32", "intra_ptr": f"*{p}", "dz_ptr": f"*{t}", "dgate_ptr": "*fp32",
                        "dintra_ptr": f"*{p}", "dinter_ptr": f"*{t}", **ints, **cexpr}
-                cases.append(CompileCase(f"pack_fwd_{tag}", _pack_fwd_kernel, fwd, constexprs, num_warps=NUM_WARPS))
-                cases.append(CompileCase(f"pack_bwd_{tag}", _pack_bwd_kernel, bwd, constexprs, num_warps=NUM_WARPS))
+                for name, kernel, sig in (("fwd", _pack_fwd_kernel, fwd), ("bwd", _pack_bwd_kernel, bwd)):
+                    # the wrappers pass 16-byte aligned bases; D (128, 768, 1024) is a multiple of 16
+                    # where rows are aligned
+                    cases.append(CompileCase(f"pack_{name}_{tag}", kernel, sig, constexprs, num_warps=NUM_WARPS,
+                                             num_stages=NUM_STAGES,
+                                             aligned=pointers(sig) + (("D",) if aligned else ())))
     return cases

@@ -31,8 +31,8 @@ from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 
-from ._triton import jit, tl, triton
-from .aot import CompileCase
+from ._triton import jit, round_to, tl, triton
+from .aot import CompileCase, pointers
 from .dispatch import interpreter_enabled, use_triton
 
 
@@ -114,7 +114,7 @@ def _scores_bwd_kernel(
     dgate_ptr, dvar_ptr, dyn_ptr, score_ptr, topk_ptr, w_ptr,
     d_dyn_logits_ptr, dw_ptr,
     N, K, alpha, beta,
-    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, INTERPRETER: tl.constexpr,
 ):
     f = tl.program_id(0).to(tl.int64)
     rows = tl.arange(0, BLOCK_N)  # patch index 0..N-1
@@ -148,14 +148,15 @@ def _scores_bwd_kernel(
         d_dyn += alpha * tl.sum(tl.where(hit, ds_top[None, :], 0.0), axis=1)
         selected = selected | (tl.sum(hit.to(tl.int32), axis=1) > 0)
     d_logits = dyn * (d_dyn - tl.sum(dyn * d_dyn, axis=0))
-    tl.store(d_dyn_logits_ptr + f * N + rows, d_logits.to(d_dyn_logits_ptr.dtype.element_ty), mask=row_ok)
+    tl.store(d_dyn_logits_ptr + f * N + rows, round_to(d_logits, d_dyn_logits_ptr.dtype.element_ty, INTERPRETER),
+             mask=row_ok)
 
     if HAS_W:
         w = tl.load(w_ptr + f * N + rows, mask=row_ok, other=0.0).to(tl.float32)
         dv = tl.load(dvar_ptr + f).to(tl.float32)
         sign = tl.where(w > 0, 1.0, tl.where(w < 0, -1.0, 0.0))
         dw = dv / N * sign * tl.where(selected, 1.0 + beta, 1.0)
-        tl.store(dw_ptr + f * N + rows, dw.to(dw_ptr.dtype.element_ty), mask=row_ok)
+        tl.store(dw_ptr + f * N + rows, round_to(dw, dw_ptr.dtype.element_ty, INTERPRETER), mask=row_ok)
 
 
 def _fwd_blocks(n: int, heads: int, width: int) -> Tuple[int, int, int]:
@@ -171,6 +172,12 @@ def _num_warps(block_n: int) -> int:
     # measured with ptxas for sm_90: 8 warps up to 128 rows, 16 at 256 (107 registers), and back to 8
     # at 512 rows, where 16 warps would cap registers at 128 and spill
     return 16 if block_n == 256 else 8
+
+
+# Pipelining depth of both launches (the forward streams u through its D loop): Triton's default, as
+# the measured launches had it. compile_cases uses the same value, so that the sm_90 report describes
+# the kernels that run.
+NUM_STAGES = 3
 
 
 def _launch_forward(u, keys, bias, dyn_logits, w, k, alpha, beta):
@@ -191,7 +198,8 @@ def _launch_forward(u, keys, bias, dyn_logits, w, k, alpha, beta):
         attn, dyn, score, topk, gate, var if w is not None else gate,
         n, width, heads, k, float(alpha), float(beta),
         HAS_W=w is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h,
-        PRECISION="ieee" if interpreter_enabled() else "tf32x3", num_warps=_num_warps(block_n),
+        PRECISION="ieee" if interpreter_enabled() else "tf32x3",
+        num_warps=_num_warps(block_n), num_stages=NUM_STAGES,
     )
     return attn, dyn, score, topk, gate, var
 
@@ -207,8 +215,8 @@ def _launch_backward(dgate, dvar, dyn, score, topk, w, dyn_logits_dtype, k, alph
         dgate.contiguous(), dvar.contiguous() if w is not None else dgate, dyn, score, topk,
         w if w is not None else dyn, d_logits, dw if w is not None else d_logits,
         n, k, float(alpha), float(beta),
-        HAS_W=w is not None, BLOCK_N=block_n, BLOCK_K=16,
-        num_warps=_num_warps(block_n),
+        HAS_W=w is not None, BLOCK_N=block_n, BLOCK_K=16, INTERPRETER=interpreter_enabled(),
+        num_warps=_num_warps(block_n), num_stages=NUM_STAGES,
     )
     return d_logits, dw
 
@@ -216,7 +224,14 @@ def _launch_backward(dgate, dvar, dyn, score, topk, w, dyn_logits_dtype, k, alph
 # --------------------------------------------------------------------------- PyTorch semantics
 def patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta) -> PatchScores:
     """The same function in plain PyTorch (any float dtype, float64 included), differentiable by
-    autograd w.r.t. dyn_logits and inter_logits: what runs where Triton cannot, and the tests' truth."""
+    autograd w.r.t. dyn_logits and inter_logits: what runs where Triton cannot, and the tests' truth.
+    Like the kernel (SPEC "Numerics"), the chain is computed in at least fp32 whatever autocast says:
+    autocast is off inside and every input is upcast."""
+    with torch.autocast(u.device.type, enabled=False):
+        return _patch_scores_fp32(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
+
+
+def _patch_scores_fp32(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta) -> PatchScores:
     acc = torch.promote_types(torch.promote_types(u.dtype, dyn_logits.dtype), torch.float32)
     with torch.no_grad():
         logits = torch.einsum("fjd,hd->fhj", u.to(acc), cls_keys.to(acc)) + cls_bias.to(acc)[None, :, None]
@@ -357,9 +372,16 @@ def _validate(u, keys, bias, dyn_logits, inter_logits, k, alpha, beta, check_val
 
 
 # --------------------------------------------------------------------------- shipped configurations
+def _aligned(signature: dict, ints: dict) -> Tuple[str, ...]:
+    """What Triton specialises in a launch at these sizes: the (fresh, contiguous) tensors, and the
+    int arguments that are multiples of 16 (k = 6, the default)."""
+    return pointers(signature) + tuple(name for name, value in ints.items() if value % 16 == 0)
+
+
 def compile_cases() -> List[CompileCase]:
     """Every launch configuration of the shipped models: (N, heads, D) of stop-tiny, ViT-B/32,
-    ViT-B/16 and ViT-L/14 at their native resolution, each u dtype, with and without W."""
+    ViT-B/16 and ViT-L/14 at their native resolution, each u dtype, with and without W, at the
+    warps and stages the launches use."""
     cases = []
     shapes = {"tiny": (49, 4, 128), "b32": (49, 12, 768), "b16": (196, 12, 768), "l14": (256, 16, 1024)}
     types = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -376,17 +398,20 @@ def compile_cases() -> List[CompileCase]:
                     "PRECISION": "constexpr",
                 }
                 consts = dict(HAS_W=has_w, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h, PRECISION="tf32x3")
+                ints = dict(N=n, D=width, H=heads, K=6)
                 cases.append(CompileCase(f"scores_fwd_{model}_{t}_w{int(has_w)}", _scores_fwd_kernel, sig, consts,
-                                         num_warps=_num_warps(block_n)))
+                                         num_warps=_num_warps(block_n), num_stages=NUM_STAGES,
+                                         aligned=_aligned(sig, ints)))
         for has_w in (True, False):
             block = max(16, triton.next_power_of_2(n))
             sig = {
                 "dgate_ptr": "*fp32", "dvar_ptr": "*fp32", "dyn_ptr": "*fp32", "score_ptr": "*fp32", "topk_ptr": "*i64",
                 "w_ptr": "*fp32", "d_dyn_logits_ptr": "*fp32", "dw_ptr": "*fp32",
                 "N": "i32", "K": "i32", "alpha": "fp32", "beta": "fp32",
-                "HAS_W": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                "HAS_W": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "INTERPRETER": "constexpr",
             }
-            consts = dict(HAS_W=has_w, BLOCK_N=block, BLOCK_K=16)
+            consts = dict(HAS_W=has_w, BLOCK_N=block, BLOCK_K=16, INTERPRETER=False)
             cases.append(CompileCase(f"scores_bwd_{model}_w{int(has_w)}", _scores_bwd_kernel, sig, consts,
-                                     num_warps=_num_warps(block)))
+                                     num_warps=_num_warps(block), num_stages=NUM_STAGES,
+                                     aligned=_aligned(sig, dict(N=n, K=6))))
     return cases

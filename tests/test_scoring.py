@@ -1,20 +1,20 @@
-"""patch_scores: the fused scoring kernel (interpreter on CPU) against float64 PyTorch."""
+"""patch_scores: the fused scoring kernel (on CUDA, or the interpreter on CPU) against float64 PyTorch."""
 import pytest
 import torch
 
 from stop_fast.kernels import patch_scores
 from stop_fast.kernels.scoring import compile_cases, patch_scores_reference
 
-from kernel_checks import assert_compiles_without_spills, assert_within_rule
+from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule
 
 
-def _inputs(frames, n, width, heads, dtype=torch.float32, seed=0, with_w=True):
+def _inputs(frames, n, width, heads, dtype=torch.float32, seed=0, with_w=True, device=DEVICE):
     g = torch.Generator().manual_seed(seed)
-    u = torch.randn(frames, n + 1, width, generator=g).to(dtype)
-    keys = torch.randn(heads, width, generator=g) * width**-0.5 * 2
-    bias = torch.randn(heads, generator=g)
-    dyn = (torch.randn(frames, n, generator=g) * 2).requires_grad_()
-    w = (torch.randn(frames, n, generator=g)).requires_grad_() if with_w else None
+    u = torch.randn(frames, n + 1, width, generator=g).to(device, dtype)
+    keys = (torch.randn(heads, width, generator=g) * width**-0.5 * 2).to(device)
+    bias = torch.randn(heads, generator=g).to(device)
+    dyn = (torch.randn(frames, n, generator=g) * 2).to(device).requires_grad_()
+    w = torch.randn(frames, n, generator=g).to(device).requires_grad_() if with_w else None
     return u, keys, bias, dyn, w
 
 
@@ -43,8 +43,8 @@ def _compare(frames, n, width, heads, k, dtype, seed, with_w=True, alpha=0.4, be
         assert a.dtype == torch.float32
         assert_within_rule(a, p, t, name)
 
-    dg = torch.randn(frames, k)
-    dv = torch.randn(frames)
+    dg = torch.randn(frames, k, device=DEVICE)
+    dv = torch.randn(frames, device=DEVICE)
     leaves = [dyn] + ([w] if w is not None else [])
 
     g_fast = torch.autograd.grad((fast.gate * dg).sum() + ((fast.variation * dv).sum() if w is not None else 0), leaves)
@@ -59,9 +59,26 @@ def _compare(frames, n, width, heads, k, dtype, seed, with_w=True, alpha=0.4, be
 
 
 @pytest.mark.parametrize("n, width, heads, k", [(49, 128, 4, 6), (49, 64, 2, 1), (16, 64, 2, 16), (9, 128, 4, 4)])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_forward_and_backward_against_float64(n, width, heads, k, dtype):
+    """u in each dtype (bf16 too: the kernel's dot takes u upcast to fp32, also in the interpreter)."""
     _compare(frames=7, n=n, width=width, heads=heads, k=k, dtype=dtype, seed=n + k)
+
+
+@pytest.mark.parametrize("triton", [True, False])
+def test_bf16_autocast_leaves_the_chain_in_fp32(triton, monkeypatch):
+    """SPEC "Numerics": under autocast the chain is fp32 in every path, the PyTorch implementation
+    included (autocast off inside, inputs upcast): the same result as without autocast."""
+    if not triton:
+        monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
+    u, keys, bias, dyn, w = _inputs(5, 49, 64, 4, torch.bfloat16, seed=11)
+    plain = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
+    with torch.autocast(u.device.type, dtype=torch.bfloat16):
+        mixed = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
+    for name in ("attn", "dyn", "score", "gate", "variation"):
+        assert getattr(mixed, name).dtype == torch.float32, name
+        torch.testing.assert_close(getattr(mixed, name), getattr(plain, name), rtol=0, atol=0)
+    assert torch.equal(mixed.topk_idx, plain.topk_idx)
 
 
 def test_without_inter_logits_and_extreme_alpha():
@@ -72,13 +89,13 @@ def test_without_inter_logits_and_extreme_alpha():
 
 def test_exact_ties_go_to_the_lower_index():
     frames, n, width, heads, k = 3, 16, 64, 2, 5
-    u = torch.randn(frames, n + 1, width)
+    u = torch.randn(frames, n + 1, width, device=DEVICE)
     # zero keys make every logit equal to its head's bias, so A is exactly
     # uniform (a dot product of identical rows may round differently at different rows)
-    keys, bias = torch.zeros(heads, width), torch.randn(heads)
-    dyn = torch.zeros(frames, n)
+    keys, bias = torch.zeros(heads, width, device=DEVICE), torch.randn(heads, device=DEVICE)
+    dyn = torch.zeros(frames, n, device=DEVICE)
     dyn[:, [3, 7, 11]] = 1.0  # three equal winners, then thirteen equal patches
-    out = patch_scores(u, keys, bias, dyn, torch.randn(frames, n), k, 0.4, 4.0)
+    out = patch_scores(u, keys, bias, dyn, torch.randn(frames, n, device=DEVICE), k, 0.4, 4.0)
     assert out.topk_idx.tolist() == [[3, 7, 11, 0, 1]] * frames
     ref = patch_scores_reference(u, keys, bias, dyn, None, k, 0.4, 4.0)
     assert torch.equal(out.topk_idx, ref.topk_idx)
@@ -87,13 +104,13 @@ def test_exact_ties_go_to_the_lower_index():
 def test_gate_sums_to_k_and_attention_leaves_mass_to_cls():
     u, keys, bias, dyn, w = _inputs(4, 49, 128, 4)
     out = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
-    torch.testing.assert_close(out.gate.sum(dim=1), torch.full((4,), 6.0))
+    torch.testing.assert_close(out.gate.sum(dim=1), torch.full((4,), 6.0, device=DEVICE))
     assert torch.all(out.attn.sum(dim=1) < 1) and torch.all(out.attn > 0)
-    torch.testing.assert_close(out.dyn.sum(dim=1), torch.ones(4))
+    torch.testing.assert_close(out.dyn.sum(dim=1), torch.ones(4, device=DEVICE))
 
 
 def test_gradcheck_float64_through_the_pytorch_path():
-    u, keys, bias, dyn, w = _inputs(3, 9, 16, 2, dtype=torch.float64)
+    u, keys, bias, dyn, w = _inputs(3, 9, 16, 2, dtype=torch.float64, device="cpu")
     dyn, w = dyn.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     keys, bias = keys.double(), bias.double()
 
@@ -135,7 +152,7 @@ def test_torch_compile_traces_it_without_graph_breaks():
     ],
 )
 def test_bad_input_is_refused_before_launch(change, match):
-    u, keys, bias, dyn, w = _inputs(4, 16, 64, 2)
+    u, keys, bias, dyn, w = _inputs(4, 16, 64, 2, device="cpu")
     args = dict(u=u, keys=keys, bias=bias, dyn=dyn, w=w, k=3, alpha=0.4, beta=4.0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
@@ -150,9 +167,7 @@ def test_every_shipped_configuration_compiles_for_sm90_without_spills():
 @pytest.mark.parametrize("n, heads, width", [(49, 12, 768), (196, 12, 768), (256, 16, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_on_gpu_model_shapes(n, heads, width, dtype):
-    u, keys, bias, dyn, w = _inputs(64, n, width, heads, dtype)
-    u, keys, bias = u.cuda(), keys.cuda(), bias.cuda()
-    dyn, w = dyn.detach().cuda().requires_grad_(), w.detach().cuda().requires_grad_()
+    u, keys, bias, dyn, w = _inputs(64, n, width, heads, dtype, device="cuda")
     fast = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
     truth = patch_scores_reference(u.double(), keys.double(), bias.double(), dyn.double(), w.double(), 6, 0.4, 4.0)
     plain = patch_scores_reference(u.float(), keys, bias, dyn, w, 6, 0.4, 4.0)
