@@ -171,7 +171,7 @@ def test_encode_text_is_normalised_and_truncates():
     [
         (torch.randn(4, 3, 112, 112), "rank"),
         (torch.randn(1, 4, 1, 112, 112), "3 channels"),
-        (torch.randn(1, 5, 3, 112, 112), "num_frames"),
+        (torch.randn(1, 0, 3, 112, 112), "at least one frame"),
         (torch.randn(1, 4, 3, 96, 96), "112 x 112"),
         (torch.randint(0, 255, (1, 4, 3, 112, 112), dtype=torch.uint8), "float"),
         ("not a tensor", "torch.Tensor"),
