@@ -51,17 +51,20 @@ Attention = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, in
 
 
 @torch.no_grad()
-def folded_cls_keys(visual) -> Tuple[torch.Tensor, torch.Tensor]:
+def folded_cls_keys(visual, token_dtype: Optional[torch.dtype] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """Step 3's cheap form: ``q_cls,h . k_j,h / sqrt(d) = u_j . keys[h] + bias[h]``.
 
     The CLS token entering block 1 is ``cls + pos_0`` for every frame, so its query is a constant of
     the frozen model: ``keys[h] = W_k,h^T q_cls,h / sqrt(d)`` (Hh, D), ``bias[h] = q_cls,h . b_k,h / sqrt(d)``.
+    ``token_dtype`` is the dtype of the tokens Z (bf16 under bf16 autocast): the CLS token is rounded
+    to it exactly as ``patch_tokens`` rounds it, then everything runs in the chain dtype.
     """
     block = visual.transformer.resblocks[0]
     heads = block.attn.num_heads
-    dtype = chain_dtype(visual.class_embedding)
+    token_dtype = token_dtype or visual.class_embedding.dtype
+    dtype = chain_dtype(visual.class_embedding.to(token_dtype))
     with scoring_precision(visual.class_embedding):
-        cls = visual.class_embedding.to(dtype) + visual.positional_embedding[0].to(dtype)
+        cls = (visual.class_embedding.to(token_dtype) + visual.positional_embedding[0].to(token_dtype)).to(dtype)
         u_cls = layer_norm(block.ln_1, layer_norm(visual.ln_pre, cls))
         w_q, w_k, _ = block.attn.in_proj_weight.to(dtype).chunk(3)
         b_q, b_k, _ = block.attn.in_proj_bias.to(dtype).chunk(3)
@@ -81,15 +84,19 @@ def _frozen_state(visual) -> tuple:
     return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
 
 
-def cls_keys(model: "STOP") -> Tuple[torch.Tensor, torch.Tensor]:
-    """``folded_cls_keys`` of the model's backbone, computed once and reused until the backbone's
-    weights move, change dtype or are edited in place (``STOP`` also drops the cache on ``.to()``)."""
-    cached = model._cls_keys_cache
+def cls_keys(model: "STOP", token_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
+    """``folded_cls_keys`` of the model's backbone for tokens of ``token_dtype``, computed once and
+    reused until the backbone's weights move, change dtype or are edited in place (``STOP`` also
+    drops the cache on ``.to()`` and ``load_state_dict``)."""
+    cache = model._cls_keys_cache
     if torch.compiler.is_compiling():  # traced code cannot read storage pointers; use what eager cached
-        return cached[1] if cached is not None else folded_cls_keys(model.visual)
+        cached = cache.get(token_dtype) if cache else None
+        return cached[1] if cached is not None else folded_cls_keys(model.visual, token_dtype)
     state = _frozen_state(model.visual)
+    cached = cache.get(token_dtype) if cache else None
     if cached is None or cached[0] != state:
-        model._cls_keys_cache = cached = (state, folded_cls_keys(model.visual))
+        cached = (state, folded_cls_keys(model.visual, token_dtype))
+        model._cls_keys_cache = {**(cache or {}), token_dtype: cached}
     return cached[1]
 
 
@@ -221,7 +228,7 @@ def fast_forward(
     top = gate = variation = None
     with scoring_precision(z):
         if cfg.intra_enabled:
-            keys, bias = cls_keys(model)
+            keys, bias = cls_keys(model, z.dtype)
             scores = kernels.patch_scores(
                 first_block_input(visual, z), keys, bias, dyn_logits,
                 None if w is None else w.flatten(0, 1).contiguous(), cfg.k, cfg.alpha, cfg.beta, check_inputs=False,

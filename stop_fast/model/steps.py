@@ -64,8 +64,9 @@ def difference_features(e: torch.Tensor) -> torch.Tensor:
     h = e.new_empty(b, t, n, 2 * d, dtype=chain_dtype(e))
     h[..., :d] = e
     h[:, :1, :, d:] = 0
-    if t > 1:
-        h[:, 1:, :, d:] = h[:, 1:, :, :d] - h[:, :-1, :, :d]
+    if t > 1:  # in place: no temporary of H's size
+        h[:, 1:, :, d:] = h[:, 1:, :, :d]
+        h[:, 1:, :, d:] -= h[:, :-1, :, :d]
     return h
 
 

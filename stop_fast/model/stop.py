@@ -54,7 +54,7 @@ class STOP(nn.Module):
         self.image_size = visual.image_size[0]
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.grad_checkpointing = False
-        self._cls_keys_cache = None  # (frozen state, (keys, bias)): see fast.cls_keys
+        self._cls_keys_cache = None  # {token dtype: (frozen state, (keys, bias))}: see fast.cls_keys
         self.register_buffer("_logit_scale", torch.tensor(LOGIT_SCALE), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._drop_caches())
 
