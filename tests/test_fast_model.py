@@ -42,9 +42,11 @@ def _discrete_choices_are_stable(model, video) -> bool:
 
 
 def _stable_video(model, batch, seed):
-    """A random video whose top-K sets and token counts are clear of near-ties (first such seed)."""
+    """A random video on the model's device whose top-K sets and token counts are clear of near-ties
+    (first such seed)."""
+    device = model.logit_scale.device
     for attempt in range(50):
-        video = random_video(model, batch=batch, seed=seed + 1000 * attempt)
+        video = random_video(model, batch=batch, seed=seed + 1000 * attempt).to(device)
         if _discrete_choices_are_stable(model, video):
             return video
     raise AssertionError("no tie-free video found in 50 seeds")
@@ -148,7 +150,7 @@ def test_fast_matches_reference_under_bf16_autocast(name):
 def test_fast_matches_reference_on_cuda_in_fp32():
     """The real Triton kernels on CUDA tensors in IEEE fp32 (TF32 off: see the autouse fixture)."""
     model = make_stop("stop-tiny", randomize=True, seed=5, num_frames=6, private_backbone=True).cuda()
-    video = _stable_video(model, batch=3, seed=4).cuda()
+    video = _stable_video(model, batch=3, seed=4)
     ref_feat, ref_grad = _grads(model, video, "reference")
     fast_feat, fast_grad = _grads(model, video, "fast")
     model64 = copy.deepcopy(model).double()
@@ -361,3 +363,16 @@ def test_compile_encoder_falls_back_to_eager_with_one_warning():
     torch.testing.assert_close(failed_early(video), model.encode_video(video, impl="fast"), rtol=0, atol=0)
     with pytest.raises(ValueError, match="impl"):
         compile_encoder(model, impl="magic")
+
+
+@pytest.mark.slow
+def test_compile_encoder_with_inductor():
+    """The default backend: inductor generates the code around the custom ops (inference, to stay small)."""
+    model = make_stop(randomize=True, seed=4, num_frames=3)
+    video = random_video(model, batch=1, seed=6)
+    encode = compile_encoder(model, fullgraph=True)
+    with torch.no_grad():
+        out = encode(video)
+        eager = model.encode_video(video, impl="fast")
+    assert encode.compiled, encode.fallback_reason
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
