@@ -92,8 +92,11 @@ class STOP(nn.Module):
 
         Cast once here, so autocast stops casting the frozen weights on every call (autocast caches
         casts only of weights that require grad). The trainable parts keep their dtype (fp32) and the
-        scoring chain stays fp32. Under ``torch.autocast(dtype=torch.bfloat16)`` a bf16-resident
-        backbone computes what the fp32 one does; without autocast the backbone runs in ``dtype``.
+        scoring chain still computes in fp32, from the weights as now rounded. Under
+        ``torch.autocast(dtype=torch.bfloat16)`` a bf16-resident backbone computes what the fp32 one
+        does, except that the weights autocast would have left in fp32 (LayerNorm affine, the first
+        block's query/key projection the scoring chain reads) are bf16-rounded too; without autocast
+        the backbone computes in ``dtype``. Both paths work after it; ``.to()`` moves it as usual.
         """
         if dtype not in BACKBONE_DTYPES:
             raise ValueError(f"dtype must be one of {[str(d) for d in BACKBONE_DTYPES]}, got {dtype!r}")
