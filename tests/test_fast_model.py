@@ -376,3 +376,55 @@ def test_compile_encoder_with_inductor():
         eager = model.encode_video(video, impl="fast")
     assert encode.compiled, encode.fallback_reason
     torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- static shapes
+def test_static_shapes_give_the_same_features_and_gradients():
+    """Every frame padded to 1 + N + rho rows (its padding a sequence of its own): same function."""
+    model = make_stop(randomize=True, seed=3, num_frames=4)
+    video = random_video(model, batch=2, seed=7)
+
+    def run(static):
+        model.zero_grad(set_to_none=True)
+        out, details = fast_forward(model, video, record=True, static_shapes=static)
+        out.square().sum().backward()
+        return out.detach(), details, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    out, details, grads = run(False)
+    assert details["counts"].max() > 0 and details["counts"].min() < model.config.rho  # real padding
+    out_static, details_static, grads_static = run(True)
+    torch.testing.assert_close(out_static, out, rtol=0, atol=2e-6)
+    for key in ("selected", "counts", "lengths"):
+        assert torch.equal(details_static[key], details[key]), key
+    scale = _global_scale(grads)
+    for name in grads:
+        torch.testing.assert_close(grads_static[name], grads[name], rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_static_shapes_compile_without_data_dependent_sizes():
+    """fullgraph=True with capture_scalar_outputs off: any host sync or data-dependent size would break
+    the graph, so this passing means CUDA graphs can capture it."""
+    import torch._dynamo
+
+    model = make_stop(randomize=True, seed=3, num_frames=3)
+    video = random_video(model, batch=1, seed=7)
+    with torch.no_grad():
+        eager = fast_forward(model, video, static_shapes=True)
+        with torch._dynamo.config.patch(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False):
+            compiled = torch.compile(lambda v: fast_forward(model, v, static_shapes=True), fullgraph=True,
+                                     backend="aot_eager", dynamic=False)
+            out = compiled(video)
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_static_shapes_with_cuda_graphs():
+    model = make_stop(randomize=True, seed=3, num_frames=6, private_backbone=True).cuda().cast_backbone(torch.bfloat16)
+    video = random_video(model, batch=2, seed=7).cuda()
+    encode = compile_encoder(model, static_shapes=True, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        d = model.explain(video, impl="fast")
+        for _ in range(3):  # warm-up runs, then the recorded graph replays
+            out = encode(video).clone()
+    assert encode.compiled, encode.fallback_reason
+    assert (out - d["feature"]).abs().max() < 2e-2

@@ -44,13 +44,16 @@ class CompiledEncoder:
     ``ValueError`` and never counts as a compile failure.
     """
 
-    def __init__(self, model: "STOP", impl: str = "fast", **compile_kwargs):
+    def __init__(self, model: "STOP", impl: str = "fast", static_shapes: bool = False, **compile_kwargs):
         from .stop import IMPLS
 
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
+        if not isinstance(static_shapes, bool):
+            raise ValueError(f"static_shapes must be a bool, got {static_shapes!r}")
         self.model = model
         self.impl = impl
+        self.static_shapes = static_shapes
         self.compiled = True
         self.fallback_reason = None
         self._succeeded = False
@@ -60,7 +63,7 @@ class CompiledEncoder:
             self._fall_back(exc)
 
     def _features(self, video: torch.Tensor) -> torch.Tensor:
-        return video_feature(self.model._forward(video, self.impl))
+        return video_feature(self.model._forward(video, self.impl, static_shapes=self.static_shapes))
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
         video, _, _ = self.model._prepare(video, self.impl, None, None, check_values=False)
@@ -113,12 +116,15 @@ def _is_compiler_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith(("torch._dynamo", "torch._inductor", "torch._functorch", "triton"))
 
 
-def compile_encoder(model: "STOP", impl: str = "fast", **compile_kwargs) -> CompiledEncoder:
+def compile_encoder(model: "STOP", impl: str = "fast", static_shapes: bool = False, **compile_kwargs) -> CompiledEncoder:
     """A callable ``video -> (B, E)`` L2-normalised features, ``model.encode_video(video, impl,
     check_inputs=False)`` run under ``torch.compile(**compile_kwargs)``.
 
     If compiling fails (at ``torch.compile`` or when the first call traces and compiles), it warns
     once, naming the reason, and runs eagerly from then on. Gradients flow to the trainable parts as
     in eager mode. New input shapes recompile (``torch.compile``'s own rules, e.g. ``dynamic=``).
+    ``static_shapes=True`` (fast path, for inference) pads every frame to 1 + N + rho tokens so that
+    no shape depends on the data and no host sync remains: the same features (up to rounding), ~8%
+    more tokens at ViT-B/32, and CUDA graphs become possible (``mode="reduce-overhead"``).
     """
-    return CompiledEncoder(model, impl, **compile_kwargs)
+    return CompiledEncoder(model, impl, static_shapes, **compile_kwargs)

@@ -17,6 +17,7 @@ from .steps import (
     frame_features,
     frame_variation,
     normalised_variation,
+    padded_sequences,
     patch_tokens,
     pooled_changes,
     scoring_precision,
@@ -133,14 +134,8 @@ def reference_forward(
 
     # 11. ragged sequences [Z_t[0] ; E~_t ; G_t[:n_t]], padded to the longest
     lengths = 1 + n + counts.flatten()  # (B*T,)
-    longest = 1 + n + (cfg.rho if cfg.inter_enabled else 0)
-    seq = z.new_zeros(b * t, longest, z.shape[-1])
-    seq[:, 0] = z[:, 0]
-    seq[:, 1 : 1 + n] = e_tilde.flatten(0, 1)
-    if cfg.inter_enabled:
-        slot = torch.arange(cfg.rho, device=video.device)
-        keep = (slot[None, :] < counts.flatten()[:, None])[..., None]  # (B*T, rho, 1)
-        seq[:, 1 + n :] = torch.where(keep, temporal.flatten(0, 1).to(seq.dtype), 0.0)
+    temporal = temporal.flatten(0, 1) if cfg.inter_enabled else None
+    seq = padded_sequences(z, e_tilde.flatten(0, 1), temporal, counts.flatten())  # (B*T, 1+N+rho, D)
     cls = run_transformer_padded(visual, seq, lengths, model.grad_checkpointing)
 
     # 12. per-frame features (the caller averages and normalises)

@@ -120,6 +120,25 @@ def pooled_changes(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         return torch.einsum("btn,btnc->btc", omega, h.to(dtype))
 
 
+def padded_sequences(z: torch.Tensor, e_tilde: torch.Tensor, inter: Optional[torch.Tensor],
+                     counts: torch.Tensor) -> torch.Tensor:
+    """Step 11's sequences ``[Z_t[0] ; E~_t ; G_t[:n_t]]``, each padded with zero rows to 1 + N + rho.
+
+    ``z`` (F, 1+N, D) tokens, ``e_tilde`` (F, N, D) overlaid patches, ``inter`` (F, rho, D) candidate
+    temporal tokens or None, ``counts`` (F,) n_t -> (F, 1 + N + rho, D) in z's dtype.
+    """
+    frames, length, width = z.shape
+    rho = 0 if inter is None else inter.shape[1]
+    seq = z.new_zeros(frames, length + rho, width)
+    seq[:, 0] = z[:, 0]
+    seq[:, 1:length] = e_tilde
+    if inter is not None:
+        slot = torch.arange(rho, device=z.device)
+        keep = (slot[None, :] < counts[:, None])[..., None]  # (F, rho, 1)
+        seq[:, length:] = torch.where(keep, inter.to(seq.dtype), 0.0)
+    return seq
+
+
 def frame_features(visual: nn.Module, cls_tokens: torch.Tensor) -> torch.Tensor:
     """Step 12 per frame: ``f_t = proj(ln_post(CLS_t))``. (..., D) -> (..., embed_dim)."""
     x = visual.ln_post(cls_tokens)

@@ -223,12 +223,14 @@ class STOP(nn.Module):
         details["feature"] = video_feature(per_frame)
         return details
 
-    def _forward(self, video, impl, selection=None, counts=None, record=False, attention=None):
-        """The path ``impl`` on inputs that :meth:`_prepare` checked."""
+    def _forward(self, video, impl, selection=None, counts=None, record=False, static_shapes=False):
+        """The path ``impl`` on inputs that :meth:`_prepare` checked (``static_shapes``: fast path only;
+        the reference path pads every frame anyway)."""
         if impl == "fast":
             from .fast import fast_forward
 
-            return fast_forward(self, video, selection=selection, counts=counts, attention=attention, record=record)
+            return fast_forward(self, video, selection=selection, counts=counts, record=record,
+                                static_shapes=static_shapes)
         return reference_forward(self, video, selection=selection, counts=counts, record=record)
 
     def tokenize(self, texts: Iterable[str], max_tokens: Optional[int] = None) -> torch.Tensor:
