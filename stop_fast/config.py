@@ -4,6 +4,11 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# Prompter_inter's output layer has r_inter * rho * D weights (and as many gradients and AdamW
+# moments, all fp32: 16 bytes each). 2**28 of them is 4 GiB of training state for one layer, about
+# 50x the default (512 * 12 * 768); past that a single GPU runs out of memory.
+MAX_INTER_OUTPUT_WEIGHTS = 2**28
+
 
 @dataclasses.dataclass
 class STOPConfig:
@@ -14,7 +19,7 @@ class STOPConfig:
     """
 
     model_name: str = "ViT-B-32"  # open_clip vision tower; N, D, heads are read off it
-    num_frames: int = 12  # T
+    num_frames: int = 12  # T the data side samples by default; the model accepts any T >= 1
     k: int = 6  # K: patches per frame that get an intra-frame prompt
     alpha: float = 0.4  # weight of temporal dynamics against attention in the patch score
     beta: float = 4.0  # extra weight of discriminative patches in the frame variation
@@ -27,8 +32,9 @@ class STOPConfig:
     def __post_init__(self) -> None:
         self.validate()
 
-    def validate(self, num_patches: int | None = None) -> None:
-        """Raise ``ValueError`` naming the first bad field; ``num_patches`` (N) also bounds ``k``."""
+    def validate(self, num_patches: int | None = None, width: int | None = None) -> None:
+        """Raise ``ValueError`` naming the first bad field; ``num_patches`` (N) also bounds ``k``, and
+        the backbone ``width`` (D) bounds ``r_inter * rho * D``, Prompter_inter's output layer."""
         _check_int("num_frames", self.num_frames, low=1)
         _check_int("k", self.k, low=0)
         _check_int("rho", self.rho, low=0)
@@ -49,6 +55,13 @@ class STOPConfig:
         if num_patches is not None and self.k > num_patches:
             raise ValueError(
                 f"k must be at most N = {num_patches} (patches per frame of {self.model_name}), got {self.k}"
+            )
+        if width is not None and self.r_inter * self.rho * width > MAX_INTER_OUTPUT_WEIGHTS:
+            raise ValueError(
+                f"rho = {self.rho} and r_inter = {self.r_inter} are too large for width D = {width}: "
+                f"Prompter_inter's output layer would hold r_inter * rho * D = {self.r_inter * self.rho * width:,} "
+                f"weights (at most {MAX_INTER_OUTPUT_WEIGHTS:,}: with its gradient and AdamW state that is "
+                "4 GiB for one layer); lower rho or r_inter"
             )
 
     @property

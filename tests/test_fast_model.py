@@ -4,11 +4,22 @@ On a CPU these run the Triton kernels through the interpreter (tests/conftest.py
 TRITON_INTERPRET=1), so they test the kernels inside the model, not a PyTorch stand-in.
 """
 import copy
+import warnings
 
 import pytest
 import torch
 
-from helpers import make_stop, random_video
+from stop_fast import kernels
+from stop_fast.model.compiled import compile_encoder
+from stop_fast.model.fast import PackedSizes, cls_block, cls_keys, fast_forward, packed_block
+
+from helpers import discrete_choices_differ_only_at_near_ties, make_stop, no_tf32, random_video
+
+
+@pytest.fixture(autouse=True)
+def _ieee_fp32():
+    with no_tf32():
+        yield
 
 
 def _discrete_choices_are_stable(model, video) -> bool:
@@ -31,17 +42,19 @@ def _discrete_choices_are_stable(model, video) -> bool:
 
 
 def _stable_video(model, batch, seed):
-    """A random video whose top-K sets and token counts are clear of near-ties (first such seed)."""
+    """A random video on the model's device whose top-K sets and token counts are clear of near-ties
+    (first such seed)."""
+    device = model.logit_scale.device
     for attempt in range(50):
-        video = random_video(model, batch=batch, seed=seed + 1000 * attempt)
+        video = random_video(model, batch=batch, seed=seed + 1000 * attempt).to(device)
         if _discrete_choices_are_stable(model, video):
             return video
     raise AssertionError("no tie-free video found in 50 seeds")
 
 
-def _grads(model, video, impl):
+def _grads(model, video, impl, **overrides):
     model.zero_grad(set_to_none=True)
-    feats = model.encode_video(video, impl=impl)
+    feats = model.encode_video(video, impl=impl, **overrides)
     if model.num_trainable_parameters() == 0:
         return feats, {}
     weights = torch.linspace(-1, 1, feats.numel()).view_as(feats).to(feats)
@@ -51,6 +64,18 @@ def _grads(model, video, impl):
 
 def _max_err(a, b):
     return (a.double() - b.double()).abs().max().item()
+
+
+def _global_scale(grads):
+    """Epsilon relative to the largest gradient: some gradients are exactly zero in exact arithmetic
+    (Conv3d_intra's bias shifts every logit of a softmax; k = 1 makes the gate constant), where either
+    path's rounding is all that is left."""
+    return max([g.abs().max().item() for g in grads.values()], default=0.0)
+
+
+def _fp32_attention(q, k, v, cu_seqlens, max_seqlen):
+    """stop_fast's kernel in fp32 whatever the inputs: Triton's interpreter cannot run bf16 dots."""
+    return kernels.varlen_attention(q.float(), k.float(), v.float(), cu_seqlens, max_seqlen, check_inputs=False).to(q.dtype)
 
 
 CONFIGS = [
@@ -77,9 +102,7 @@ def test_fast_matches_reference_features_and_gradients(cfg):
     truth_feat, truth_grad = _grads(model64, video.double(), "reference")
     assert _max_err(fast_feat, truth_feat) <= 2 * _max_err(ref_feat, truth_feat) + 1e-5
     assert set(fast_grad) == set(ref_grad)
-    # epsilon relative to the largest gradient: some gradients are exactly zero in exact arithmetic
-    # (k = 1 makes the gate constant), where either path's rounding is all that is left
-    scale = max([g.abs().max().item() for g in truth_grad.values()], default=0.0)
+    scale = _global_scale(truth_grad)
     for name in truth_grad:
         assert _max_err(fast_grad[name], truth_grad[name]) <= 2 * _max_err(ref_grad[name], truth_grad[name]) + 1e-6 * scale, name
 
@@ -103,33 +126,39 @@ def test_fast_path_batch_invariance():
 @pytest.mark.gpu
 @pytest.mark.parametrize("name", ["stop-tiny", "ViT-B-32"])
 def test_fast_matches_reference_under_bf16_autocast(name):
-    model = make_stop(name, randomize=True, seed=1, num_frames=8).cuda()
-    video = _stable_video(model, batch=4, seed=3).cuda()
-    model64 = copy.deepcopy(model).double()
-    truth, truth_grad = _grads(model64, video.double(), "reference")
+    """bf16 on CUDA with the real kernels: both paths get the same R and n (the override), so the
+    comparison with the float64 truth (same R and n) is exact instead of gap-guarded."""
+    model = make_stop(name, randomize=True, seed=1, num_frames=8, private_backbone=True).cuda()
+    video = random_video(model, batch=4, seed=3).cuda()
     with torch.autocast("cuda", dtype=torch.bfloat16):
-        ref, ref_grad = _grads(model, video, "reference")
-        fast, fast_grad = _grads(model, video, "fast")
+        d = model.explain(video)
+    fixed = dict(selection=d["selected"], counts=d["counts"])
+    model64 = copy.deepcopy(model).double()
+    truth, truth_grad = _grads(model64, video.double(), "reference", **fixed)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref, ref_grad = _grads(model, video, "reference", **fixed)
+        fast, fast_grad = _grads(model, video, "fast", **fixed)
     assert _max_err(fast, truth) <= 2 * _max_err(ref, truth) + 1e-3
+    # a global scale: some gradients are exactly zero in exact arithmetic (Conv3d_intra's bias shifts
+    # every logit of a softmax), where both paths compare rounding noise
+    scale = _global_scale(truth_grad)
     for n in truth_grad:
-        assert _max_err(fast_grad[n], truth_grad[n]) <= 2 * _max_err(ref_grad[n], truth_grad[n]) + 1e-3 * truth_grad[n].abs().max().item(), n
+        assert _max_err(fast_grad[n], truth_grad[n]) <= 2 * _max_err(ref_grad[n], truth_grad[n]) + 1e-3 * scale, n
 
 
-def test_fast_path_compiles_as_one_graph():
-    """torch.compile(fullgraph=True) traces the whole fast path: the kernels are custom ops, and the
-    one host sync (the packed token count) becomes an unbacked size with capture_scalar_outputs."""
-    import torch._dynamo
-
-    model = make_stop(randomize=True, seed=4)
-    video = _stable_video(model, batch=2, seed=6)
-    eager = model.encode_video(video, impl="fast")
-    with torch._dynamo.config.patch(capture_scalar_outputs=True):
-        compiled = torch.compile(lambda x: model.encode_video(x, impl="fast", check_inputs=False),
-                                 fullgraph=True, backend="aot_eager")
-        out = compiled(video)
-        out.square().sum().backward()
-    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
-    assert model.prompter_inter.up.weight.grad.abs().sum() > 0
+@pytest.mark.gpu
+def test_fast_matches_reference_on_cuda_in_fp32():
+    """The real Triton kernels on CUDA tensors in IEEE fp32 (TF32 off: see the autouse fixture)."""
+    model = make_stop("stop-tiny", randomize=True, seed=5, num_frames=6, private_backbone=True).cuda()
+    video = _stable_video(model, batch=3, seed=4)
+    ref_feat, ref_grad = _grads(model, video, "reference")
+    fast_feat, fast_grad = _grads(model, video, "fast")
+    model64 = copy.deepcopy(model).double()
+    truth_feat, truth_grad = _grads(model64, video.double(), "reference")
+    assert _max_err(fast_feat, truth_feat) <= 2 * _max_err(ref_feat, truth_feat) + 1e-5
+    scale = _global_scale(truth_grad)
+    for n in truth_grad:
+        assert _max_err(fast_grad[n], truth_grad[n]) <= 2 * _max_err(ref_grad[n], truth_grad[n]) + 1e-6 * scale, n
 
 
 def test_fast_path_through_the_pytorch_dispatch(monkeypatch):
@@ -143,3 +172,259 @@ def test_fast_path_through_the_pytorch_dispatch(monkeypatch):
     scale = max(g.abs().max().item() for g in ref_grad.values())  # some gradients are ~0 exactly
     for name in ref_grad:
         torch.testing.assert_close(fast_grad[name], ref_grad[name], rtol=1e-4, atol=1e-6 * scale)
+
+
+# --------------------------------------------------------------------------- explain and overrides
+def test_explain_fast_reports_the_fast_paths_own_values():
+    model = make_stop(randomize=True, seed=3, num_frames=5)
+    video = _stable_video(model, batch=2, seed=8)
+    ref, fast = model.explain(video), model.explain(video, impl="fast")
+    assert set(fast) == set(ref)
+    for key in ("selected", "counts", "lengths"):
+        assert torch.equal(fast[key], ref[key]), key
+    for key in ("attention", "dynamics", "score", "variation", "frame_features", "feature"):
+        assert fast[key].shape == ref[key].shape and fast[key].dtype == ref[key].dtype, key
+        # v^ divides by max - min of v: its rounding is a few times v's
+        torch.testing.assert_close(fast[key], ref[key], rtol=0, atol=1e-5 if key == "variation" else 2e-6)
+
+
+def test_overrides_give_both_paths_the_same_choices():
+    """A given R and n (not the model's own) flow through the fast path's gate, variation and packing
+    exactly as through the reference path, forward and backward."""
+    model = make_stop(randomize=True, seed=6, num_frames=4, k=3, rho=5)
+    video = random_video(model, batch=2, seed=2)
+    gen = torch.Generator().manual_seed(3)
+    fixed = dict(selection=torch.stack([torch.randperm(49, generator=gen)[:3] for _ in range(8)]).view(2, 4, 3),
+                 counts=torch.randint(0, 6, (2, 4), generator=gen))
+    ref_feat, ref_grad = _grads(model, video, "reference", **fixed)
+    fast_feat, fast_grad = _grads(model, video, "fast", **fixed)
+    truth_feat, truth_grad = _grads(copy.deepcopy(model).double(), video.double(), "reference", **fixed)
+    assert _max_err(fast_feat, truth_feat) <= 2 * _max_err(ref_feat, truth_feat) + 1e-5
+    scale = _global_scale(truth_grad)
+    for name in truth_grad:
+        assert _max_err(fast_grad[name], truth_grad[name]) <= 2 * _max_err(ref_grad[name], truth_grad[name]) + 1e-6 * scale, name
+    d = model.explain(video, impl="fast", **fixed)
+    assert torch.equal(d["selected"], fixed["selection"]) and torch.equal(d["counts"].long(), fixed["counts"])
+
+
+@pytest.mark.parametrize("dispatch", ["kernels", "pytorch"])
+def test_paths_choose_the_same_R_and_n_under_bf16_autocast(dispatch, monkeypatch):
+    """SPEC: both paths compute the scoring chain in fp32 from the same bf16 tokens, so under the same
+    autocast they choose the same R and n for essentially every frame (differences only at near-ties)."""
+    if dispatch == "pytorch":
+        monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
+    model = make_stop(randomize=True, seed=7, num_frames=6)
+    video = random_video(model, batch=4, seed=21)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        ref = model.explain(video)
+        _, fast = fast_forward(model, video, record=True, attention=_fp32_attention)
+    assert discrete_choices_differ_only_at_near_ties(model, ref, fast) == 0
+    if dispatch == "pytorch":  # the whole bf16 fast path, with the reference's R and n: the 2x rule
+        fixed = dict(selection=ref["selected"], counts=ref["counts"])
+        truth = copy.deepcopy(model).double().encode_video(video.double(), **fixed)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_feat = model.encode_video(video, **fixed)
+            fast_feat = model.encode_video(video, impl="fast", **fixed)
+        assert _max_err(fast_feat, truth) <= 2 * _max_err(ref_feat, truth) + 1e-3
+
+
+def test_fast_path_any_number_of_frames():
+    model = make_stop(randomize=True, seed=9, num_frames=4, rho=3)
+    for frames in (2, 5):
+        video = random_video(model, batch=1, seed=frames, frames=frames)
+        d = model.explain(video)
+        fixed = dict(selection=d["selected"], counts=d["counts"])
+        torch.testing.assert_close(model.encode_video(video, impl="fast", **fixed), d["feature"], rtol=0, atol=2e-6)
+
+
+# --------------------------------------------------------------------------- the pieces of the fast path
+def test_cls_block_equals_the_full_block_on_the_cls_rows():
+    model = make_stop()
+    block = model.visual.transformer.resblocks[-1]
+    counts = torch.tensor([0, 5, 12, 1], dtype=torch.int32)
+    cu, total, longest = kernels.cu_seqlens_from_counts(counts, 50)
+    x = torch.randn(total, 128, generator=torch.Generator().manual_seed(0), requires_grad=True)
+    starts = cu[:-1].long()
+    full = packed_block(block, x, cu, longest)[starts]
+    (full_grad,) = torch.autograd.grad(full.square().sum(), x)
+    ours = cls_block(block, x, starts, counts.long() + 50, 62)
+    (ours_grad,) = torch.autograd.grad(ours.square().sum(), x)
+    torch.testing.assert_close(ours, full, rtol=0, atol=1e-5)
+    torch.testing.assert_close(ours_grad, full_grad, rtol=0, atol=1e-5)
+
+
+def test_packed_sizes_match_cu_seqlens_from_counts():
+    counts = torch.tensor([3, 0, 7, 2], dtype=torch.int32)
+    cu, total, longest = PackedSizes(counts, 50).wait()
+    expected = kernels.cu_seqlens_from_counts(counts, 50)
+    assert torch.equal(cu, expected[0]) and cu.dtype == torch.int32 and (total, longest) == expected[1:]
+
+
+def test_folded_cls_keys_are_cached_until_the_backbone_changes():
+    model = make_stop(private_backbone=True)
+    keys, bias = cls_keys(model, torch.float32)
+    assert cls_keys(model, torch.float32)[0] is keys  # computed once
+    assert cls_keys(model, torch.bfloat16)[0] is not keys  # the CLS token is rounded like the tokens
+    with torch.no_grad():
+        model.visual.transformer.resblocks[0].attn.in_proj_weight.mul_(1.5)  # edited in place
+    edited = cls_keys(model, torch.float32)[0]
+    assert edited is not keys and not torch.allclose(edited, keys)
+    model.double()
+    assert model._cls_keys_cache is None and cls_keys(model, torch.float64)[0].dtype == torch.float64
+    model.float().cast_backbone(torch.bfloat16)
+    assert cls_keys(model, torch.bfloat16)[0].dtype == torch.float32  # the chain stays fp32
+
+
+def test_pluggable_attention_gets_strided_views():
+    model = make_stop(randomize=True, seed=2, num_frames=3)
+    video = random_video(model, batch=2, seed=1)
+    calls = []
+
+    def attention(q, k, v, cu_seqlens, max_seqlen):
+        calls.append(not q.is_contiguous() and q.stride(-1) == 1 and q.shape == k.shape == v.shape)
+        return kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, check_inputs=True)
+
+    with torch.no_grad():
+        plugged = fast_forward(model, video, attention=attention)
+        default = fast_forward(model, video)
+    assert calls == [True] * (len(model.visual.transformer.resblocks) - 1)  # the last block: CLS rows only
+    torch.testing.assert_close(plugged, default, rtol=0, atol=1e-6)
+
+
+def test_fast_path_grad_checkpointing_gives_the_same_results():
+    model = make_stop(randomize=True, seed=4, num_frames=3)
+    video = random_video(model, batch=1, seed=5)
+    out, grads = _grads(model, video, "fast")
+    model.set_grad_checkpointing(True)
+    out_ckpt, grads_ckpt = _grads(model, video, "fast")
+    model.set_grad_checkpointing(False)
+    torch.testing.assert_close(out_ckpt, out, rtol=0, atol=0)
+    for name in grads:
+        torch.testing.assert_close(grads_ckpt[name], grads[name], rtol=0, atol=0)
+
+
+def test_bf16_resident_backbone_in_both_paths(monkeypatch):
+    monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
+    model = make_stop(randomize=True, seed=5, num_frames=4, private_backbone=True).cast_backbone(torch.bfloat16)
+    video = random_video(model, batch=2, seed=6)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        d = model.explain(video)
+        fast = model.explain(video, impl="fast", selection=d["selected"], counts=d["counts"])
+    assert torch.equal(fast["counts"], d["counts"])
+    assert (fast["feature"] - d["feature"]).abs().max() < 2e-2
+    with torch.no_grad():  # no autocast: the backbone in bf16, the chain and the prompters in fp32
+        plain = model.encode_video(video, impl="fast")
+    assert plain.dtype == torch.float32 and torch.isfinite(plain).all()
+
+
+# --------------------------------------------------------------------------- compile_encoder
+def test_fast_path_compiles_as_one_graph():
+    """compile_encoder traces the whole fast path as one graph (fullgraph=True): the kernels are custom
+    ops, and the one host sync (the packed token count) becomes an unbacked size. Forward and backward
+    equal eager mode's."""
+    model = make_stop(randomize=True, seed=4)
+    video = _stable_video(model, batch=2, seed=6)
+    eager, eager_grad = _grads(model, video, "fast")
+    encode = compile_encoder(model, backend="aot_eager", fullgraph=True)
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = encode(video)
+    assert encode.compiled and encode.fallback_reason is None
+    assert not [w for w in caught if "compile_encoder" in str(w.message)]
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager_grad[name], rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="3 channels"):  # a user's mistake is not a compile failure
+        encode(video[:, :, :1])
+    assert encode.compiled
+
+
+def test_compile_encoder_falls_back_to_eager_with_one_warning():
+    model = make_stop(randomize=True, seed=4)
+    video = random_video(model, batch=1, seed=6)
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    encode = compile_encoder(model, impl="reference", backend=broken_backend)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed.*no compiler here") as caught:
+        out = encode(video)
+        again = encode(video)
+    assert len([w for w in caught if issubclass(w.category, RuntimeWarning)]) == 1
+    assert not encode.compiled and "no compiler here" in encode.fallback_reason
+    expected = model.encode_video(video)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    with pytest.warns(RuntimeWarning, match="torch.compile failed"):
+        failed_early = compile_encoder(model, mode="no-such-mode")
+    torch.testing.assert_close(failed_early(video), model.encode_video(video, impl="fast"), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="impl"):
+        compile_encoder(model, impl="magic")
+
+
+@pytest.mark.slow
+def test_compile_encoder_with_inductor():
+    """The default backend: inductor generates the code around the custom ops (inference, to stay small)."""
+    model = make_stop(randomize=True, seed=4, num_frames=3)
+    video = random_video(model, batch=1, seed=6)
+    encode = compile_encoder(model, fullgraph=True)
+    with torch.no_grad():
+        out = encode(video)
+        eager = model.encode_video(video, impl="fast")
+    assert encode.compiled, encode.fallback_reason
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- static shapes
+def test_static_shapes_give_the_same_features_and_gradients():
+    """Every frame padded to 1 + N + rho rows (its padding a sequence of its own): same function."""
+    model = make_stop(randomize=True, seed=3, num_frames=4)
+    video = random_video(model, batch=2, seed=7)
+
+    def run(static):
+        model.zero_grad(set_to_none=True)
+        out, details = fast_forward(model, video, record=True, static_shapes=static)
+        out.square().sum().backward()
+        return out.detach(), details, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    out, details, grads = run(False)
+    assert details["counts"].max() > 0 and details["counts"].min() < model.config.rho  # real padding
+    out_static, details_static, grads_static = run(True)
+    torch.testing.assert_close(out_static, out, rtol=0, atol=2e-6)
+    for key in ("selected", "counts", "lengths"):
+        assert torch.equal(details_static[key], details[key]), key
+    scale = _global_scale(grads)
+    for name in grads:
+        torch.testing.assert_close(grads_static[name], grads[name], rtol=1e-4, atol=1e-6 * scale)
+
+
+def test_static_shapes_compile_without_data_dependent_sizes():
+    """fullgraph=True with capture_scalar_outputs off: any host sync or data-dependent size would break
+    the graph, so this passing means CUDA graphs can capture it."""
+    import torch._dynamo
+
+    model = make_stop(randomize=True, seed=3, num_frames=3)
+    video = random_video(model, batch=1, seed=7)
+    with torch.no_grad():
+        eager = fast_forward(model, video, static_shapes=True)
+        with torch._dynamo.config.patch(capture_scalar_outputs=False, capture_dynamic_output_shape_ops=False):
+            compiled = torch.compile(lambda v: fast_forward(model, v, static_shapes=True), fullgraph=True,
+                                     backend="aot_eager", dynamic=False)
+            out = compiled(video)
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+def test_static_shapes_with_cuda_graphs():
+    model = make_stop(randomize=True, seed=3, num_frames=6, private_backbone=True).cuda().cast_backbone(torch.bfloat16)
+    video = random_video(model, batch=2, seed=7).cuda()
+    encode = compile_encoder(model, static_shapes=True, mode="reduce-overhead", fullgraph=True)
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        d = model.explain(video, impl="fast")
+        for _ in range(3):  # warm-up runs, then the recorded graph replays
+            out = encode(video).clone()
+    assert encode.compiled, encode.fallback_reason
+    assert (out - d["feature"]).abs().max() < 2e-2

@@ -1,9 +1,13 @@
 """The four trainable parts of STOP (SPEC.md steps 4, 7, 8, 10). Everything else is frozen CLIP."""
 from __future__ import annotations
 
+from typing import List, Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .steps import chain_dtype, scoring_precision
 
 
 class DynamicsConv(nn.Module):
@@ -11,7 +15,7 @@ class DynamicsConv(nn.Module):
 
     Input ``H`` is ``(B, T, N, 2D)`` with N = g * g; the convolution sees it as ``(B, 2D, T, g, g)``
     (channels E first, then E - E_prev; zero padding in time and space) and returns one logit per patch,
-    ``(B, T, N)``. It runs outside autocast, in the weights' dtype (fp32): the scoring chain stays fp32 under bf16.
+    ``(B, T, N)``. Part of the scoring chain: autocast off, in ``chain_dtype`` (see :func:`conv_logits`).
     """
 
     def __init__(self, width: int, grid: int):
@@ -20,11 +24,25 @@ class DynamicsConv(nn.Module):
         self.conv = nn.Conv3d(2 * width, 1, kernel_size=3, padding=1)
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        b, t, n, c = h.shape
-        x = h.permute(0, 3, 1, 2).reshape(b, c, t, self.grid, self.grid)  # (B, 2D, T, g, g)
-        with torch.autocast(device_type=h.device.type, enabled=False):
-            out = self.conv(x.to(self.conv.weight.dtype))  # (B, 1, T, g, g)
-        return out.reshape(b, t, n)
+        return conv_logits([self], h)[0]
+
+
+def conv_logits(convs: Sequence[DynamicsConv], h: torch.Tensor) -> List[torch.Tensor]:
+    """Several DynamicsConv layers over the same ``H`` as ONE Conv3d with their weights stacked.
+
+    Conv3d_intra and Conv3d_inter read the same input, so one convolution with two output channels
+    reads ``H`` once; each channel is the same sum as the layer alone. ``H`` (B, T, N, 2D) is viewed,
+    not copied, as a channels-last (B, 2D, T, g, g) tensor. Returns one (B, T, N) logit map per layer.
+    """
+    b, t, n, c = h.shape
+    grid = convs[0].grid
+    weight = torch.cat([m.conv.weight for m in convs]) if len(convs) > 1 else convs[0].conv.weight
+    bias = torch.cat([m.conv.bias for m in convs]) if len(convs) > 1 else convs[0].conv.bias
+    dtype = torch.promote_types(chain_dtype(h), weight.dtype)
+    x = h.to(dtype).view(b, t, grid, grid, c).permute(0, 4, 1, 2, 3)  # (B, 2D, T, g, g), channels last
+    with scoring_precision(h):
+        out = F.conv3d(x, weight.to(dtype), bias.to(dtype), padding=1)  # (B, len(convs), T, g, g)
+    return [out[:, i].reshape(b, t, n) for i in range(len(convs))]
 
 
 class IntraPrompter(nn.Module):

@@ -3,12 +3,36 @@
 The two paths differ only where the fast path fuses work into kernels: the attention map and patch
 scoring (steps 3, 5-6), the overlay and packing (steps 7, 11) and the transformer over ragged
 sequences (step 11). Everything here is shared so the two paths cannot drift apart.
+
+Precision (SPEC.md, "Numerics"): the scoring chain (CLS logits and A, F, Dyn, S, g, W, v, v^, omega,
+c_t) runs in ``chain_dtype`` (fp32, or fp64 for a float64 model) with autocast off, from the tokens the
+backbone produced in its own precision; ``scoring_precision`` is the one switch both paths use.
 """
 from __future__ import annotations
+
+import contextlib
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def chain_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the scoring chain for tokens ``x``: fp32, or wider if ``x`` is wider (float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def scoring_precision(x: torch.Tensor):
+    """Autocast off (for ``x``'s device) around the scoring chain; callers upcast inputs to ``chain_dtype``."""
+    if not torch.is_autocast_enabled(x.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=x.device.type, enabled=False)
+
+
+def layer_norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    """``norm(x)`` in ``x``'s dtype, whatever the dtype of the (frozen) affine weights."""
+    return F.layer_norm(x, norm.normalized_shape, norm.weight.to(x.dtype), norm.bias.to(x.dtype), norm.eps)
 
 
 def patch_tokens(visual: nn.Module, frames: torch.Tensor) -> torch.Tensor:
@@ -22,10 +46,46 @@ def patch_tokens(visual: nn.Module, frames: torch.Tensor) -> torch.Tensor:
     return torch.cat([cls, x], dim=1) + visual.positional_embedding.to(x.dtype)
 
 
+def first_block_input(visual: nn.Module, z: torch.Tensor) -> torch.Tensor:
+    """Step 3's ``u = ln_1(ln_pre(Z))`` in ``chain_dtype`` (autocast off): (F, 1 + N, D)."""
+    block = visual.transformer.resblocks[0]
+    with scoring_precision(z):
+        x = z.to(chain_dtype(z))
+        return layer_norm(block.ln_1, layer_norm(visual.ln_pre, x))
+
+
 def difference_features(e: torch.Tensor) -> torch.Tensor:
-    """Step 2: ``H_t = [E_t || E_t - E_{t-1}]`` with ``E_0 := E_1``. (B, T, N, D) -> (B, T, N, 2D)."""
-    previous = torch.cat([e[:, :1], e[:, :-1]], dim=1)
-    return torch.cat([e, e - previous], dim=-1)
+    """Step 2: ``H_t = [E_t || E_t - E_{t-1}]`` with ``E_0 := E_1``. (B, T, N, D) -> (B, T, N, 2D).
+
+    Built once, in ``chain_dtype`` (the difference of two bf16 tokens is taken in fp32), and shared by
+    both Conv3d layers, Prompter_intra and the pooling of step 10.
+    """
+    b, t, n, d = e.shape
+    h = e.new_empty(b, t, n, 2 * d, dtype=chain_dtype(e))
+    h[..., :d] = e
+    h[:, :1, :, d:] = 0
+    if t > 1:  # in place: no temporary of H's size
+        h[:, 1:, :, d:] = h[:, 1:, :, :d]
+        h[:, 1:, :, d:] -= h[:, :-1, :, :d]
+    return h
+
+
+def selection_gate(score: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """Step 7's gate on the selected patches: ``g_i = K * S[R_i] / sum_{r in R} S[r]``, (..., N), (..., K) -> (..., K)."""
+    s_top = score.gather(-1, top)
+    return top.shape[-1] * s_top / s_top.sum(dim=-1, keepdim=True)
+
+
+def frame_variation(w: torch.Tensor, top: Optional[torch.Tensor], beta: float) -> torch.Tensor:
+    """Step 8: ``v_t = mean_j |W_t[j]| * (1 + beta * M_t[j])``, M = 1 on the selection ``top`` (None: M = 0).
+
+    ``w`` (..., N), ``top`` (..., K) -> v (...).
+    """
+    weight = w.abs()
+    if top is not None:
+        in_top = torch.zeros_like(weight).scatter(-1, top, 1.0)
+        weight = weight * (1 + beta * in_top)
+    return weight.mean(dim=-1)
 
 
 def normalised_variation(v: torch.Tensor, eps: float) -> torch.Tensor:
@@ -52,11 +112,31 @@ def pooled_changes(w: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """Step 10's ``c_t = sum_j softmax_j(W_t)[j] * H_t[j]``: (B, T, N), (B, T, N, 2D) -> (B, T, 2D).
 
     ``H_t = [E_t || E_t - E_{t-1}]``, so this is exactly SPEC's ``[sum omega E || sum omega (E - E_prev)]``.
-    Computed in at least fp32, like the rest of the scoring chain.
+    Part of the scoring chain: ``chain_dtype``, autocast off.
     """
-    dtype = torch.promote_types(w.dtype, torch.float32)
-    omega = torch.softmax(w.to(dtype), dim=-1)
-    return torch.einsum("btn,btnc->btc", omega, h.to(dtype))
+    dtype = torch.promote_types(chain_dtype(w), h.dtype)
+    with scoring_precision(h):
+        omega = torch.softmax(w.to(dtype), dim=-1)
+        return torch.einsum("btn,btnc->btc", omega, h.to(dtype))
+
+
+def padded_sequences(z: torch.Tensor, e_tilde: torch.Tensor, inter: Optional[torch.Tensor],
+                     counts: torch.Tensor) -> torch.Tensor:
+    """Step 11's sequences ``[Z_t[0] ; E~_t ; G_t[:n_t]]``, each padded with zero rows to 1 + N + rho.
+
+    ``z`` (F, 1+N, D) tokens, ``e_tilde`` (F, N, D) overlaid patches, ``inter`` (F, rho, D) candidate
+    temporal tokens or None, ``counts`` (F,) n_t -> (F, 1 + N + rho, D) in z's dtype.
+    """
+    frames, length, width = z.shape
+    rho = 0 if inter is None else inter.shape[1]
+    seq = z.new_zeros(frames, length + rho, width)
+    seq[:, 0] = z[:, 0]
+    seq[:, 1:length] = e_tilde
+    if inter is not None:
+        slot = torch.arange(rho, device=z.device)
+        keep = (slot[None, :] < counts[:, None])[..., None]  # (F, rho, 1)
+        seq[:, length:] = torch.where(keep, inter.to(seq.dtype), 0.0)
+    return seq
 
 
 def frame_features(visual: nn.Module, cls_tokens: torch.Tensor) -> torch.Tensor:
@@ -67,4 +147,4 @@ def frame_features(visual: nn.Module, cls_tokens: torch.Tensor) -> torch.Tensor:
 
 def video_feature(per_frame: torch.Tensor) -> torch.Tensor:
     """Step 12: mean over frames, then L2 normalisation. (B, T, E) -> (B, E), in at least fp32."""
-    return F.normalize(per_frame.to(torch.promote_types(per_frame.dtype, torch.float32)).mean(dim=1), dim=-1)
+    return F.normalize(per_frame.to(chain_dtype(per_frame)).mean(dim=1), dim=-1)
