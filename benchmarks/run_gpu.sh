@@ -5,13 +5,16 @@
 #
 #   bash benchmarks/run_gpu.sh [--dry-run] OUT [STEP ...]          (from anywhere; OUT is created)
 #
-# Steps, run in the order given (default: tests kernels model scaling decode):
-#   tests      every test marked `gpu` (bf16, real shapes), then the kernel test files' other tests,
-#              which run on CUDA tensors where there is a GPU
+# Steps, run in the order given (default: tests kernel-tests kernels model scaling decode):
+#   tests      every test marked `gpu` (bf16, real shapes, the model's fast path against its reference)
+#   kernel-tests  the kernel test files' other tests, which run on CUDA tensors where there is a GPU
+#              (many shapes, each autotuned once: minutes)
 #   kernels    benchmarks of attention alone, scoring and packing      (run.py --only attention,scoring,packing)
 #   model      whole model, ViT-B/32 then ViT-B/16, every variant       (run.py --only model)
 #   model-b32  / model-b16: one backbone only
 #   scaling    step time against T, rho and batch                      (run.py --only scaling)
+#   train      the full training step with and without the loader (bench_train.py: fast compiled
+#              and eager, ViT-B/32, T = 12, B = 32; PyAV workers, or DALI where it imports)
 #   decode     clips/s of PyAV, DALI CPU and DALI GPU (NVDEC); skipped when nvidia.dali does not import
 # Before the first step the script checks the environment and stages the package (idempotent):
 # `stop_fast/` with `kernels/` copied in as `stop_fast/kernels`, in a scratch folder first on
@@ -45,20 +48,20 @@ set -uo pipefail
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash benchmarks/run_gpu.sh [--dry-run] OUT [STEP ...]   (steps: tests kernels model model-b32 model-b16 scaling decode)" >&2
+  echo "usage: bash benchmarks/run_gpu.sh [--dry-run] OUT [STEP ...]   (steps: tests kernel-tests kernels model model-b32 model-b16 scaling train decode)" >&2
   exit 2
 fi
 out_arg=$1; shift
 steps=("$@")
-[ ${#steps[@]} -eq 0 ] && steps=(tests kernels model scaling decode)
+[ ${#steps[@]} -eq 0 ] && steps=(tests kernel-tests kernels model scaling decode)
 
 # Seconds per step at STOP_FAST_TIME_PERCENT=100; the benchmark steps give run.py a budget 20 s shorter,
 # so it skips the cases it could not finish instead of being killed in the middle of one.
-declare -A limit=([setup]=120 [tests]=140 [kernels]=130 [model]=290 [model-b32]=200 [model-b16]=150
-                  [scaling]=60 [decode]=150)
+declare -A limit=([setup]=120 [tests]=140 [kernel-tests]=240 [kernels]=130 [model]=290 [model-b32]=200 [model-b16]=150
+                  [scaling]=60 [train]=100 [decode]=150)
 for s in "${steps[@]}"; do
   if [ -z "${limit[$s]:-}" ] || [ "$s" = setup ]; then
-    echo "run_gpu.sh: unknown step '$s' (steps: tests kernels model model-b32 model-b16 scaling decode)" >&2
+    echo "run_gpu.sh: unknown step '$s' (steps: tests kernel-tests kernels model model-b32 model-b16 scaling train decode)" >&2
     exit 2
   fi
 done
@@ -101,21 +104,27 @@ run_step() {
   local budget=(--budget-s $(( $(seconds_for "$1") * 9 / 10 - 10 ))) rc=0
   [ "$scale" = 0 ] && budget=(--budget-s 1000000)
   case $1 in
-    tests)  # every `gpu` test first (bf16, real shapes), then the kernel files' other tests, on CUDA too
-      local r=0
+    tests)  # every `gpu` test (bf16, real shapes)
+      # the model's and training's GPU tests first, then the kernels' (most numerous), then the rest
+      local first=() f
+      for f in test_fast_model.py test_train_loop.py test_scoring.py test_packing.py test_varlen_attention.py; do
+        [ -f "$repo/tests/$f" ] && first+=("$repo/tests/$f")
+      done
       limited "$PY" -m pytest "${pytest_args[@]}" --junitxml="$work/tests/gpu.xml" --continue-on-collection-errors \
-        -m gpu "$repo/tests" || rc=$?
-      [ $rc = 5 ] && rc=0  # pytest: no test selected
+        -m gpu "${first[@]}" "$repo/tests" || rc=$?
+      [ $rc = 5 ] && rc=0 ;;  # pytest: no test selected
+    kernel-tests)  # the kernel files' other tests, on CUDA tensors here
       if [ ${#kernel_tests[@]} -gt 0 ]; then
-        limited "$PY" -m pytest "${pytest_args[@]}" --junitxml="$work/tests/kernels.xml" -m "not gpu" "${kernel_tests[@]}" || r=$?
-        [ $r = 5 ] && r=0
-      fi
-      [ $rc = 0 ] && rc=$r ;;
+        limited "$PY" -m pytest "${pytest_args[@]}" --junitxml="$work/tests/kernels.xml" -m "not gpu" "${kernel_tests[@]}" || rc=$?
+        [ $rc = 5 ] && rc=0
+      fi ;;
     kernels)   limited "${run_py[@]}" --only attention,scoring,packing "${budget[@]}" || rc=$? ;;
     model)     limited "${run_py[@]}" --only model "${budget[@]}" || rc=$? ;;
     model-b32) limited "${run_py[@]}" --only model/ViT-B-32 "${budget[@]}" || rc=$? ;;
     model-b16) limited "${run_py[@]}" --only model/ViT-B-16 "${budget[@]}" || rc=$? ;;
     scaling)   limited "${run_py[@]}" --only scaling "${budget[@]}" || rc=$? ;;
+    train)     limited "$PY" "$repo/benchmarks/bench_train.py" --variants fast-compiled,fast-eager \
+                 --steps 10 --warmup 3 --out "$work/train.json" || rc=$? ;;
     decode)
       if [ $dry_run = 1 ] || "$PY" -c "import nvidia.dali" 2>/dev/null; then
         limited "$PY" "$repo/benchmarks/bench_decode.py" --out "$work/decode.json" || rc=$?
@@ -156,7 +165,7 @@ setup() {
   fi
   if ! "$PY" -c "import open_clip, av" 2>/dev/null && [ -f "$repo/.gpu/base/gpu-install" ]; then
     echo "installing the staged wheels offline ($repo/.gpu/base)"
-    (cd "$repo" && limited "$deadline" bash .gpu/base/gpu-install .gpu)
+    (cd "$repo" && limited bash .gpu/base/gpu-install .gpu)
   fi
   local missing
   missing=$("$PY" - <<'EOF'
