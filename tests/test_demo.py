@@ -152,8 +152,15 @@ def _check_summary(summary, out):
     return rows
 
 
+@pytest.fixture
+def no_triton_interpreter(monkeypatch):
+    """The demo times a CPU run: the model's PyTorch paths, not Triton's CPU interpreter (CI's switch for
+    testing the kernels, set in conftest), which would make every step many times slower."""
+    monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
+
+
 @needs_train
-def test_demo_quick_runs_every_step(tmp_path, capsys):
+def test_demo_quick_runs_every_step(tmp_path, capsys, no_triton_interpreter):
     from stop_fast.cli import main
 
     out = tmp_path / "demo"
@@ -174,7 +181,7 @@ def test_demo_quick_runs_every_step(tmp_path, capsys):
 
 @needs_train
 @pytest.mark.slow
-def test_demo_stop_tells_clips_from_their_reversals(tmp_path):
+def test_demo_stop_tells_clips_from_their_reversals(tmp_path, no_triton_interpreter):
     """The README's claim: STOP >= 90% where mean pooling is at chance (a few minutes on 2 cores)."""
     from stop_fast.demo import run_demo
 
