@@ -22,6 +22,7 @@ datasets on a GPU); they are printed with the results.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -78,6 +79,7 @@ def run_demo(
     quick: bool = False,
     device: str = "cpu",
     workers: int = 0,
+    threads: Optional[int] = 1,
     settings: Optional[DemoSettings] = None,
     log: Callable[[str], None] = print,
 ) -> Dict:
@@ -85,14 +87,16 @@ def run_demo(
 
     ``settings`` overrides the sizes of the run (``quick`` picks :data:`QUICK`, else :data:`FULL`).
     ``out`` must be a new or empty folder, or one an earlier demo wrote (its results are replaced).
-    ``workers``: video decoding processes; 0 decodes in the training process, which on two cores
-    keeps both for the model.
+    ``workers``: video decoding processes (0: in the training process; decoding these clips costs
+    about a tenth of training them). ``threads``: torch's CPU threads while the demo runs (None leaves
+    the setting alone). One is the default because the model is tiny: on a two-core machine with
+    anything else running, two threads waiting on each other took three times as long (measured).
     """
     settings = settings or (QUICK if quick else FULL)
     if weights is not None and not os.path.isfile(weights):
         raise FileNotFoundError(f"weights file not found: {weights}")
     _check_out(out)
-    from .train import TrainConfig, train  # the loop users run
+    from .train import train  # noqa: F401 - the loop users run; a missing one is named before any file is written
 
     _clear_out(out)
     started = time.perf_counter()
@@ -107,35 +111,19 @@ def run_demo(
     log(f"data: {settings.num_train} training + {settings.num_val} validation videos, {settings.frames} frames of "
         f"{IMAGE_SIZE} px (MJPEG) in {data} ({data_seconds:.1f} s)")
     log(f"training: {settings.epochs} epochs, batch {settings.batch_size}, AdamW lr {settings.lr:g}, T = "
-        f"{settings.frames}, the same for every row" + ("  [--quick: a smoke run, accuracies mean nothing]" if quick else ""))
+        f"{settings.frames}, the same for every row; {threads or 'default'} CPU thread(s)" + ("  [--quick: a smoke run, accuracies mean nothing]" if quick else ""))
 
     rows: List[Dict] = []
-    for row in ROWS:
-        run_dir = os.path.join(out, "runs", _slug(row.name))
-        config = TrainConfig(
-            dataset="csv", train_list=train_csv, val_list=val_csv, video_root=data, model=MODEL, weights=weights,
-            frames=settings.frames, k=row.k, rho=row.rho, epochs=settings.epochs, batch_size=settings.batch_size,
-            lr=settings.lr, out=run_dir, decoder="pyav", workers=workers, flip=False, device=device, compile=False,
-            seed=seed,
-        )
-        log(f"-- {row.name} (K = {row.k}, rho = {row.rho}): " + ("evaluation only" if row.k == row.rho == 0 else "training"))
-        tick = time.perf_counter()
-        result = train(config)
-        seconds = time.perf_counter() - tick
-        if "val_top1" not in result:
-            raise RuntimeError(f"stop_fast.train.train returned no 'val_top1' for the {row.name} row: {sorted(result)}")
-        rows.append({
-            "row": row.name, "k": row.k, "rho": row.rho, "what": row.what,
-            "val_top1": float(result["val_top1"]), "seconds": round(seconds, 1),
-            "checkpoint": result.get("checkpoint"), "run_dir": run_dir,
-        })
+    with _torch_threads(threads):
+        for row in ROWS:
+            rows.append(_run_row(row, settings, train_csv, val_csv, data, out, weights, seed, device, workers, log))
 
     total = time.perf_counter() - started
     summary = {
-        "task": {"classes": list(MOTION_CLASSES), "chance": 1.0 / len(MOTION_CLASSES),
+        "task": {"classes": list(MOTION_CLASSES), "chance": 100.0 / len(MOTION_CLASSES),
                  "train_list": train_csv, "val_list": val_csv},
         "model": MODEL, "weights": weights, "random_weights": weights is None, "seed": seed, "quick": quick,
-        "device": device, "settings": dataclasses.asdict(settings), "rows": rows,
+        "device": device, "threads": threads, "settings": dataclasses.asdict(settings), "rows": rows,
         "data_seconds": round(data_seconds, 1), "total_seconds": round(total, 1),
         "checkpoint": rows[0]["checkpoint"],
     }
@@ -148,13 +136,51 @@ def run_demo(
     return summary
 
 
+def _run_row(row: Row, settings: DemoSettings, train_csv: str, val_csv: str, data: str, out: str,
+             weights: Optional[str], seed: int, device: str, workers: int, log: Callable[[str], None]) -> Dict:
+    """One row of the table: a run of the ordinary training entry point (evaluation only when K = rho = 0)."""
+    from .train import TrainConfig, train
+
+    run_dir = os.path.join(out, "runs", _slug(row.name))
+    config = TrainConfig(
+        dataset="csv", train_list=train_csv, val_list=val_csv, video_root=data, model=MODEL, weights=weights,
+        frames=settings.frames, k=row.k, rho=row.rho, epochs=settings.epochs, batch_size=settings.batch_size,
+        lr=settings.lr, out=run_dir, decoder="pyav", workers=workers, flip=False, device=device, compile=False,
+        seed=seed,
+    )
+    log(f"-- {row.name} (K = {row.k}, rho = {row.rho}): " + ("evaluation only" if row.k == row.rho == 0 else "training"))
+    tick = time.perf_counter()
+    result = train(config)
+    seconds = time.perf_counter() - tick
+    if "val_top1" not in result:
+        raise RuntimeError(f"stop_fast.train.train returned no 'val_top1' for the {row.name} row: {sorted(result)}")
+    return {
+        "row": row.name, "k": row.k, "rho": row.rho, "what": row.what,
+        "val_top1": float(result["val_top1"]), "seconds": round(seconds, 1),  # percent, as the loop reports it
+        "checkpoint": result.get("checkpoint"), "run_dir": run_dir,
+    }
+
+
+@contextlib.contextmanager
+def _torch_threads(threads: Optional[int]):
+    import torch
+
+    before = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def format_table(summary: Dict) -> List[str]:
     """The comparison table and where the outputs are, as printed lines."""
     chance = summary["task"]["chance"]
     lines = ["", f"{'':13s} {'K':>2s} {'rho':>4s}  {'val top-1':>9s}  {'time':>6s}  what"]
     for r in summary["rows"]:
-        lines.append(f"{r['row']:13s} {r['k']:2d} {r['rho']:4d}  {100 * r['val_top1']:8.1f}%  {r['seconds']:5.0f}s  {r['what']}")
-    lines.append(f"chance: {100 * chance:.0f}%. Mean pooling sees a clip and its reversal as the same set of frames.")
+        lines.append(f"{r['row']:13s} {r['k']:2d} {r['rho']:4d}  {r['val_top1']:8.1f}%  {r['seconds']:5.0f}s  {r['what']}")
+    lines.append(f"chance: {chance:.0f}%. Mean pooling sees a clip and its reversal as the same set of frames.")
     if summary["random_weights"]:
         lines.append(f"backbone: {summary['model']} with RANDOM frozen weights (pass --weights FILE for a CLIP checkpoint)")
     lines.append(f"total {summary['total_seconds']:.0f} s; results {RESULTS_FILE}"
@@ -223,11 +249,11 @@ def _plot_curves(rows: List[Dict], path: str) -> Optional[str]:
         if losses:
             loss_ax.plot(*zip(*losses), label=r["row"])
         if r["k"] == r["rho"] == 0:  # nothing trained: one evaluation, drawn as a level
-            acc_ax.axhline(r["val_top1"], linestyle="--", color="grey", label=f"{r['row']} ({100 * r['val_top1']:.0f}%)")
+            acc_ax.axhline(r["val_top1"], linestyle="--", color="grey", label=f"{r['row']} ({r['val_top1']:.0f}%)")
         elif evals:
             acc_ax.plot(*zip(*evals), marker="o", label=r["row"])
     loss_ax.set(xlabel="step", ylabel="training loss (cross-entropy)", yscale="log", title="training")
-    acc_ax.set(xlabel="epoch", ylabel="validation top-1", ylim=(0, 1.05), title="validation")
+    acc_ax.set(xlabel="epoch", ylabel="validation top-1 (%)", ylim=(0, 105), title="validation")
     acc_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in (loss_ax, acc_ax):
         ax.grid(alpha=0.3)
