@@ -190,7 +190,7 @@ def main() -> int:
     if unknown:
         p.error(f"--variants: unknown {unknown}; choose from {list(VARIANTS)}")
 
-    results = {"provenance": provenance(), "model": args.model, "frames": args.frames, "batch": args.batch,
+    results = {"provenance": provenance(device), "model": args.model, "frames": args.frames, "batch": args.batch,
                "steps": args.steps, "warmup": args.warmup, "quick": quick, "variants": {}}
     with tempfile.TemporaryDirectory() as root:
         if not args.no_loader:

@@ -18,6 +18,7 @@ COMMANDS = {
     "encode": ("encode", "embed a video file or a generated clip and print the embedding"),
     "prepare": ("prepare", "probe a dataset's videos into a manifest; optionally re-encode them"),
     "info": ("info", "show model sizes and trainable parameter counts for a configuration"),
+    "demo": ("demo", "train STOP on generated videos it must tell from their time reversals, beside the ablations"),
     "train": ("train", "train STOP's prompts on a dataset (recognition or retrieval); torchrun for several GPUs"),
     "eval": ("eval", "evaluate trained prompts, or zero-shot CLIP, on a dataset split"),
     "predict": ("predict", "classify video files, or rank them for a caption, with trained prompts"),
