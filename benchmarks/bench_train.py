@@ -139,6 +139,8 @@ def bench_with_loader(args, impl: str, compile: bool, device: torch.device, root
         import json
 
         used = json.load(f)
+    if not timed:  # stopped (a signal, a time limit) before its first logging interval
+        return {"error": f"no logging interval finished ({len(records)} records in metrics.jsonl)"}
     return {"videos_per_s": round(statistics.median(timed), 2), "intervals": timed,
             "peak_memory_gb": round(peak_memory_gb(device), 3), "decoder": args.decoder,
             "workers": args.workers, "precision": used["precision"]}
@@ -203,6 +205,7 @@ def main() -> int:
                 entry["loader_included"] = bench_with_loader(args, impl, compile, device, root)
                 print(f"{name}: loader included {entry['loader_included']}", flush=True)
             results["variants"][name] = entry
+            write_json(args.out, results)  # after every variant: a run cut short keeps what finished
     write_json(args.out, results)
     return 0
 
