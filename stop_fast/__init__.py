@@ -4,7 +4,7 @@ Public API: :class:`STOPConfig`, :class:`STOP`, :func:`load_clip`, :func:`build_
 subpackages ``stop_fast.kernels`` (Triton kernels) and ``stop_fast.data`` (video decoding).
 Names are imported on first use (PEP 562), so the command line starts without importing torch.
 """
-import importlib
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -19,13 +19,4 @@ _EXPORTS = {
 __all__ = ["STOPConfig", "STOP", "load_clip", "build_stop", "WeightsError", "__version__"]
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

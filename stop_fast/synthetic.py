@@ -18,6 +18,22 @@ def clip_normalise(frames: torch.Tensor) -> torch.Tensor:
     return (frames - mean) / std
 
 
+def square_position(direction: int, t: int, num_frames: int, travel: int, start) -> tuple:
+    """Top-left (y, x) at frame ``t`` of a square crossing ``travel`` pixels evenly over ``num_frames``
+    frames: ``direction`` 0..3 is right, left, down, up; ``start`` (y, x) holds the other coordinate."""
+    step = round(travel * t / max(1, num_frames - 1))
+    y, x = start
+    if direction == 0:
+        x = step
+    elif direction == 1:
+        x = travel - step
+    elif direction == 2:
+        y = step
+    else:
+        y = travel - step
+    return y, x
+
+
 def moving_square(
     num_frames: int,
     size: int,
@@ -33,18 +49,8 @@ def moving_square(
     start = torch.randint(0, size - side + 1, (2,), generator=generator).tolist()
     colour = torch.rand(3, generator=generator) * 0.5 + 0.5
     frames = torch.rand(num_frames, 3, size, size, generator=generator) * 0.3
-    travel = size - side
     for t in range(num_frames):
-        step = round(travel * t / max(1, num_frames - 1))
-        y, x = start
-        if direction == 0:
-            x = step
-        elif direction == 1:
-            x = travel - step
-        elif direction == 2:
-            y = step
-        else:
-            y = travel - step
+        y, x = square_position(direction, t, num_frames, size - side, start)
         frames[t, :, y : y + side, x : x + side] = colour[:, None, None]
     return clip_normalise(frames)
 

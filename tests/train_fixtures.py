@@ -9,6 +9,8 @@ from typing import List, Optional, Sequence
 import av
 import numpy as np
 
+from stop_fast.synthetic import square_position
+
 DIRECTIONS = ("right", "left", "down", "up")
 COLOURS = ((255, 60, 60), (60, 255, 60), (60, 60, 255), (255, 255, 60))  # one per class: easy to memorise
 
@@ -28,16 +30,7 @@ def write_clip(path: str, direction: int, seed: int, num_frames: int = 8, size: 
         stream.options = {"qscale": "2"} if codec == "mpeg4" else {"crf": "10", "b:v": "0", "g": "4"}
         for t in range(num_frames):
             img = background.copy()
-            step = round(travel * t / max(1, num_frames - 1))
-            y, x = start, start
-            if direction == 0:
-                x = step
-            elif direction == 1:
-                x = travel - step
-            elif direction == 2:
-                y = step
-            else:
-                y = travel - step
+            y, x = square_position(direction, t, num_frames, travel, (start, start))
             img[y : y + side, x : x + side] = colour
             for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
                 container.mux(packet)

@@ -38,24 +38,12 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 def resolve_device(name: str) -> str:
     """``--device`` -> a torch device string, or a CLIError saying why it cannot be used."""
     from ..cli import CLIError
+    from ..devices import resolve_device as resolve
 
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise CLIError(f"--device {name!r} is not a device; use cpu, cuda, cuda:N or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise CLIError(f"--device {name}: no CUDA device is available here; use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise CLIError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise CLIError(f"--device {name!r}: only cpu and cuda devices are supported")
-    return str(device)
-
+        return str(resolve(name, what="--device"))
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 def existing_file(path: str, flag: str) -> str:
     """Check a file argument before any model is built, naming the flag."""

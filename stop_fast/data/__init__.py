@@ -9,7 +9,7 @@ decoder) batch clips. PyAV and DALI are optional: a backend that is missing says
 
 Names are imported on first use (PEP 562), so ``import stop_fast.data.datasets`` costs no torch import.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "build_dataset": "datasets", "DATASETS": "datasets", "VideoDataset": "datasets", "Sample": "datasets",
@@ -24,13 +24,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

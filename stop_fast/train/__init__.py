@@ -13,7 +13,7 @@ tie rule), ``optim`` (AdamW, warm-up + cosine), ``checkpoint`` (atomic files, re
 
 Names are imported on first use (PEP 562), so ``import stop_fast.train`` costs no torch import.
 """
-import importlib
+from .._lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "config", "load_config": "config", "DATASETS": "config",
@@ -23,13 +23,4 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name):
-    if name in _EXPORTS:
-        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_exports(__name__, globals(), _EXPORTS)

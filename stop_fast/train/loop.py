@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import devices
 from . import checkpoint as ckpt
 from . import distributed
 from .config import LOGIT_SCALE, TrainConfig
@@ -42,23 +43,8 @@ log = logging.getLogger("stop_fast.train")
 
 # ---------------------------------------------------------------------------------------------- model
 def resolve_device(config: TrainConfig, info: distributed.Dist) -> torch.device:
-    name = config.device
-    if name in (None, "auto"):
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ValueError(f"device {name!r} is not a device; use cpu, cuda or cuda:N") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {name}: no CUDA device is available here; use cpu")
-        if device.index is None:
-            device = torch.device("cuda", info.local_rank)
-        if device.index >= torch.cuda.device_count():
-            raise ValueError(f"device {device}: only {torch.cuda.device_count()} CUDA device(s) here")
-    elif device.type != "cpu":
-        raise ValueError(f"device {name!r}: only cpu and cuda devices are supported")
-    return device
+    """The run's device: ``config.device``, a bare ``cuda`` meaning this rank's GPU under torchrun."""
+    return devices.resolve_device(config.device, local_rank=info.local_rank)
 
 
 def build_model(config: TrainConfig, device: torch.device, *, k: Optional[int] = None, rho: Optional[int] = None):
