@@ -27,7 +27,7 @@ setup(
         "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],  # GPU (NVDEC) decoding
         "viz": ["matplotlib"],
         "tensorboard": ["tensorboard"],  # optional training logs
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "nvidia-dali-cuda130; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard", "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["stop-fast=stop_fast.cli:main"]},
 )

@@ -5,6 +5,7 @@ and two gloo processes under torchrun match one process."""
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -60,7 +61,10 @@ def test_recognition_learns_from_the_true_initialisation_and_skips_a_corrupt_vid
         assert "broken.mp4" in f.read()
     for name in ("metrics.jsonl", "config.json", "curves.png", "prompts.safetensors", "metrics.json"):
         assert (out / name).is_file(), name
-    assert any(n.startswith("events") for n in os.listdir(out / "tensorboard"))
+    if importlib.util.find_spec("tensorboard") is not None:  # TensorBoard events when it is installed
+        assert any(n.startswith("events") for n in os.listdir(out / "tensorboard"))
+    else:
+        assert not (out / "tensorboard").exists()
     evals = [r for r in read_metrics(out / "metrics.jsonl") if "val_top1" in r]
     assert evals[-1]["val_top1"] == result["val_top1"] and {"val_top5", "val_mean_class_acc"} <= set(evals[-1])
     import json
