@@ -22,12 +22,13 @@ setup(
         # frames with its own single-threaded scaler, so workers forked after a decode do not hang on
         # av 19's shared scaler pool (tests/test_data_fork.py); 14..19 are the releases tested.
         "av>=14,<20",
+        # every training run (and the demo, the README's first command) plots its curves; `visualize`
+        "matplotlib",
     ],
     extras_require={
         "dali": ["nvidia-dali-cuda130; platform_system == 'Linux'"],  # GPU (NVDEC) decoding
-        "viz": ["matplotlib"],
         "tensorboard": ["tensorboard"],  # optional training logs
-        "test": ["pytest", "pytest-benchmark", "matplotlib", "tensorboard", "nvidia-dali-cuda130; platform_system == 'Linux'"],
+        "test": ["pytest", "pytest-benchmark", "tensorboard", "nvidia-dali-cuda130; platform_system == 'Linux'"],
     },
     entry_points={"console_scripts": ["stop-fast=stop_fast.cli:main"]},
 )
