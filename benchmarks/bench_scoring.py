@@ -18,7 +18,7 @@ from typing import Any, Dict, List
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, measure  # noqa: E402
+from common import Case, bandwidth_record, fused_op_cases, measure  # noqa: E402
 
 SHAPES = {"vit_b32": (1536, 49), "vit_b16": (384, 196)}
 QUICK_SHAPES = {"vit_b32_small": (24, 49)}
@@ -74,24 +74,10 @@ def run_case(ctx, shape, impl: str, step: str) -> Dict[str, Any]:
     timed = forward if step == "forward" else forward_backward
     timing = measure(timed, ctx.device, flush_l2=True, **ctx.op_timing)
     nbytes = min_bytes(u)[step]
-    record = {**timing, "frames": shape[0], "patches": shape[1], "width": WIDTH, "heads": HEADS, "k": K,
-              "u_dtype": str(u.dtype).split(".")[-1], "min_bytes": nbytes,
-              "gbs": nbytes / (timing["median_ms"] / 1e3) / 1e9,
-              "backend": ("triton" if use_triton(u) else "pytorch") if impl == "stop_fast" else "pytorch"}
-    if ctx.ceilings.get("copy_gbs"):
-        record["fraction_of_copy_bandwidth"] = record["gbs"] / ctx.ceilings["copy_gbs"]
-    return record
+    return bandwidth_record(ctx, timing, nbytes, frames=shape[0], patches=shape[1], width=WIDTH, heads=HEADS, k=K,
+                            u_dtype=str(u.dtype).split(".")[-1],
+                            backend=("triton" if use_triton(u) else "pytorch") if impl == "stop_fast" else "pytorch")
 
 
 def cases(ctx) -> List[Case]:
-    out = []
-    for name, shape in (QUICK_SHAPES if ctx.quick else SHAPES).items():
-        for impl in IMPLS:
-            if impl == "pytorch_compiled" and ctx.device.type == "cpu" and (ctx.quick or not ctx.compile_on_cpu):
-                continue  # a minute of CPU compile per case; the quick CPU run compiles only the model
-            for step in ("forward", "forward_backward"):
-                out.append(Case(f"scoring/{name}/{impl}/{step}",
-                                lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
-                                estimate_s=30 if impl == "pytorch_compiled" else 5,
-                                priority=1 if impl == "pytorch_compiled" else 0))
-    return out
+    return fused_op_cases(ctx, "scoring", SHAPES, QUICK_SHAPES, IMPLS, run_case)

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 import traceback
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 
@@ -281,3 +281,29 @@ class Case:
 
     def __repr__(self) -> str:
         return f"Case({self.id!r})"
+
+
+def bandwidth_record(ctx, timing: Dict[str, Any], nbytes: int, **fields: Any) -> Dict[str, Any]:
+    """A memory-bound op's record: its timing, the bytes it must move at least, GB/s and the
+    fraction of the copy bandwidth measured in the same run."""
+    record = {**timing, **fields, "min_bytes": nbytes, "gbs": nbytes / (timing["median_ms"] / 1e3) / 1e9}
+    if ctx.ceilings.get("copy_gbs"):
+        record["fraction_of_copy_bandwidth"] = record["gbs"] / ctx.ceilings["copy_gbs"]
+    return record
+
+
+def fused_op_cases(ctx, group: str, shapes: Dict[str, Any], quick_shapes: Dict[str, Any],
+                   impls, run_case: Callable[..., Dict[str, Any]]) -> List["Case"]:
+    """``group/<shape>/<impl>/<forward|forward_backward>`` cases of a fused op against PyTorch
+    (eager and compiled); compiled PyTorch runs last and is skipped on a CPU unless asked for."""
+    out = []
+    for name, shape in (quick_shapes if ctx.quick else shapes).items():
+        for impl in impls:
+            if impl == "pytorch_compiled" and ctx.device.type == "cpu" and (ctx.quick or not ctx.compile_on_cpu):
+                continue  # a minute of CPU compile per case; the quick CPU run compiles only the model
+            for step in ("forward", "forward_backward"):
+                out.append(Case(f"{group}/{name}/{impl}/{step}",
+                                lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
+                                estimate_s=30 if impl == "pytorch_compiled" else 5,
+                                priority=1 if impl == "pytorch_compiled" else 0))
+    return out
