@@ -15,6 +15,8 @@ Variants:
   blocks with a float attention mask);
 - ``fast``: ``encode_video(impl="fast")``, eager (packed tokens, stop_fast's kernels);
 - ``fast_compiled``: ``stop_fast.model.compiled.compile_encoder(model)``;
+- ``fast_compiled_cudagraphs`` (inference): ``compile_encoder(model, static_shapes=True,
+  mode="reduce-overhead")``: every frame padded to 1 + N + rho tokens, no host sync, CUDA graphs;
 - ``openclip_compiled``: plain open_clip ``encode_image`` on all B*T frames, mean over frames,
   normalised, under ``torch.compile``: CLIP4Clip without prompts, STOP's ceiling (N + 1 tokens a
   frame). Its training step back-propagates into the video (it has no prompts to train), which adds
@@ -44,21 +46,25 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_attention import FlexDocumentAttention, require_torch_varlen, torch_varlen_attention  # noqa: E402
 from common import Case, Unavailable, first_call_s, measure, training_flops, vit_flops  # noqa: E402
+from profile_kernels import format_breakdown, kernel_breakdown  # noqa: E402
 
 MODELS = ("ViT-B-32", "ViT-B-16")
 QUICK_MODELS = ("stop-tiny", "ViT-B-32")
 # The quick run (minutes on 2 CPU cores): one compile only, for the smallest model.
 QUICK_CASES = {("stop-tiny", "fast_compiled", "inference")} | {
     (name, variant, mode) for name in QUICK_MODELS for variant in ("reference", "fast") for mode in ("inference", "train")}
-VARIANTS = ("reference", "fast", "fast_compiled", "openclip_compiled", "padded_sdpa_compiled",
-            "fast_torch_varlen_attn", "fast_flex_attention")
+VARIANTS = ("reference", "fast", "fast_compiled", "fast_compiled_cudagraphs", "openclip_compiled",
+            "padded_sdpa_compiled", "fast_torch_varlen_attn", "fast_flex_attention")
 # Run order under a time budget (lower first): the eager paths of both backbones, the compiled fast
 # path, the baselines' inference, attention swaps, then what compiles longest; ViT-B/16 after B/32.
 PRIORITY = {"reference": 0, "fast": 0, "fast_compiled": 2, "openclip_compiled": 3, "padded_sdpa_compiled": 3,
-            "fast_torch_varlen_attn": 4, "fast_flex_attention": 4}
-COMPILED = {"fast_compiled", "openclip_compiled", "padded_sdpa_compiled"}
+            "fast_compiled_cudagraphs": 4, "fast_torch_varlen_attn": 4, "fast_flex_attention": 4}
+COMPILED = {"fast_compiled", "fast_compiled_cudagraphs", "openclip_compiled", "padded_sdpa_compiled"}
+# variants measured for inference only: CUDA graphs need the static-shape mode, an inference option
+INFERENCE_ONLY = {"fast_compiled_cudagraphs"}
 MODES = ("inference", "train")
 CPU_SKIPS = {
+    "fast_compiled_cudagraphs": "CUDA graphs: CUDA only",
     "fast_torch_varlen_attn": "varlen_attn runs flash attention kernels: CUDA only",
     "fast_flex_attention": "FlexAttention compiles a CPU kernel for minutes; run it on a GPU",
 }
@@ -134,7 +140,7 @@ class Setup:
 
     def tokens(self, variant: str) -> Dict[str, Any]:
         lengths = self.clip_lengths if variant == "openclip_compiled" else self.stop_lengths
-        padded = variant in ("reference", "padded_sdpa_compiled")
+        padded = variant in ("reference", "padded_sdpa_compiled", "fast_compiled_cudagraphs")
         longest = 1 + self.model.num_patches + self.model.config.rho
         return {"mean_per_frame": float(lengths.float().mean()), "total": int(lengths.sum()),
                 "computed_per_frame": longest if padded else float(lengths.float().mean()),
@@ -186,13 +192,15 @@ def encoder(setup: Setup, variant: str) -> Callable[[torch.Tensor], torch.Tensor
 
 
 def build_compiled(model, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
-    if variant in ("fast_compiled", "padded_sdpa_compiled"):
+    if variant in ("fast_compiled", "fast_compiled_cudagraphs", "padded_sdpa_compiled"):
         try:
             from stop_fast.model.compiled import compile_encoder
         except ImportError:
             raise Unavailable("this stop_fast has no stop_fast.model.compiled.compile_encoder") from None
     if variant == "fast_compiled":
         return compile_encoder(model, impl="fast")
+    if variant == "fast_compiled_cudagraphs":
+        return compile_encoder(model, impl="fast", static_shapes=True, mode="reduce-overhead")
     if variant == "openclip_compiled":
         clip = model.clip
 
@@ -256,6 +264,9 @@ def run_case(ctx, setup_fn: Callable[[], Setup], variant: str, mode: str,
         record.update(compile_first_call(fn, ctx.device))
     timing = measure(fn, ctx.device, **(timing or ctx.timing))
     record.update(timing)
+    if ctx.profile:
+        record["profile"] = kernel_breakdown(fn, ctx.device)
+        print(format_breakdown(f"model/{setup.name}/{variant}/{mode}", record["profile"]), flush=True)
     if "first_call_s" in record:
         record["compile_s"] = max(record["first_call_s"] - timing["median_ms"] / 1e3, 0.0)
     seconds = timing["median_ms"] / 1e3
@@ -316,6 +327,8 @@ def cases(ctx) -> List[Case]:
             if variant in COMPILED and ctx.device.type == "cpu" and not ctx.compile_on_cpu:
                 continue
             for mode in MODES:
+                if variant in INFERENCE_ONLY and mode != "inference":
+                    continue
                 if ctx.quick and (name, variant, mode) not in QUICK_CASES:
                     continue
                 estimate = ctx.compile_estimate if variant in COMPILED else (30 if "flex" in variant else 10)

@@ -46,6 +46,7 @@ class Context:
         self.batch, self.frames = args.batch, args.frames
         self.scaling_compiled = args.scaling_compiled
         self.compile_on_cpu = not args.no_compile_on_cpu
+        self.profile = args.profile
         self.ceilings: Dict[str, Any] = {}
         self.compute_ceiling: Optional[float] = None
         self.cache: Dict[Any, Any] = {}
@@ -146,6 +147,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--frames", type=int, default=12, help="frames per video (default 12)")
     parser.add_argument("--scaling-compiled", action="store_true", help="scaling: also the compiled fast path")
     parser.add_argument("--no-compile-on-cpu", action="store_true", help="on a CPU, skip the torch.compile cases")
+    parser.add_argument("--profile", action="store_true",
+                        help="model cases: also a kernel-time breakdown by kind (CUDA; profile_kernels.py)")
     parser.add_argument("--budget-s", type=float, help="skip cases that would end after this many seconds")
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and exit")

@@ -13,9 +13,12 @@
 #   model      whole model, ViT-B/32 then ViT-B/16, every variant       (run.py --only model)
 #   model-b32  / model-b16: one backbone only
 #   scaling    step time against T, rho and batch                      (run.py --only scaling)
+#   only       run.py --only "$STOP_FAST_ONLY" (any case ids or globs, e.g. 'model/ViT-B-32/*compiled*')
 #   train      the full training step with and without the loader (bench_train.py: fast compiled
 #              and eager, ViT-B/32, T = 12, B = 32; PyAV workers, or DALI where it imports)
 #   decode     clips/s of PyAV, DALI CPU and DALI GPU (NVDEC); skipped when nvidia.dali does not import
+# STOP_FAST_RUN_ARGS adds arguments to every run.py call (e.g. --profile: a kernel-time breakdown of
+# each model case in its record and log).
 # Before the first step the script checks the environment and stages the package (idempotent):
 # `stop_fast/` with `kernels/` copied in as `stop_fast/kernels`, in a scratch folder first on
 # PYTHONPATH, so the checked-out code runs as installed without installing anything. Steps run from
@@ -48,7 +51,7 @@ set -uo pipefail
 dry_run=0
 if [ "${1:-}" = "--dry-run" ]; then dry_run=1; shift; fi
 if [ $# -lt 1 ] || [ "${1#-}" != "$1" ]; then
-  echo "usage: bash benchmarks/run_gpu.sh [--dry-run] OUT [STEP ...]   (steps: tests kernel-tests kernels model model-b32 model-b16 scaling train decode)" >&2
+  echo "usage: bash benchmarks/run_gpu.sh [--dry-run] OUT [STEP ...]   (steps: tests kernel-tests kernels model model-b32 model-b16 scaling only train decode)" >&2
   exit 2
 fi
 out_arg=$1; shift
@@ -58,10 +61,10 @@ steps=("$@")
 # Seconds per step at STOP_FAST_TIME_PERCENT=100; the benchmark steps give run.py a budget 20 s shorter,
 # so it skips the cases it could not finish instead of being killed in the middle of one.
 declare -A limit=([setup]=120 [tests]=140 [kernel-tests]=240 [kernels]=130 [model]=290 [model-b32]=200 [model-b16]=150
-                  [scaling]=60 [train]=100 [decode]=150)
+                  [scaling]=60 [only]=300 [train]=100 [decode]=150)
 for s in "${steps[@]}"; do
   if [ -z "${limit[$s]:-}" ] || [ "$s" = setup ]; then
-    echo "run_gpu.sh: unknown step '$s' (steps: tests kernel-tests kernels model model-b32 model-b16 scaling train decode)" >&2
+    echo "run_gpu.sh: unknown step '$s' (steps: tests kernel-tests kernels model model-b32 model-b16 scaling only train decode)" >&2
     exit 2
   fi
 done
@@ -81,6 +84,8 @@ commit=${STOP_FAST_COMMIT:-$(git -C "$repo" rev-parse HEAD 2>/dev/null || echo "
 export PYTHONPATH="$work/pkg${PYTHONPATH:+:$PYTHONPATH}"
 
 run_py=("$PY" "$repo/benchmarks/run.py" --device cuda --append --out "$work/results.json")
+read -r -a extra_run_args <<<"${STOP_FAST_RUN_ARGS:-}"
+run_py+=("${extra_run_args[@]}")
 kernel_tests=()
 for f in test_varlen_attention.py test_attention.py test_scoring.py test_packing.py; do
   [ -f "$repo/tests/$f" ] && kernel_tests+=("$repo/tests/$f")
@@ -123,6 +128,9 @@ run_step() {
     model-b32) limited "${run_py[@]}" --only model/ViT-B-32 "${budget[@]}" || rc=$? ;;
     model-b16) limited "${run_py[@]}" --only model/ViT-B-16 "${budget[@]}" || rc=$? ;;
     scaling)   limited "${run_py[@]}" --only scaling "${budget[@]}" || rc=$? ;;
+    only)
+      if [ -z "${STOP_FAST_ONLY:-}" ]; then echo "step only: set STOP_FAST_ONLY to case ids or globs"; rc=2
+      else limited "${run_py[@]}" --only "$STOP_FAST_ONLY" "${budget[@]}" || rc=$?; fi ;;
     train)     limited "$PY" "$repo/benchmarks/bench_train.py" --variants fast-compiled,fast-eager \
                  --steps 10 --warmup 3 --out "$work/train.json" || rc=$? ;;
     decode)
