@@ -26,6 +26,9 @@ Variants:
 - ``fast_torch_varlen_attn`` / ``fast_flex_attention``: the fast path, eager, with PyTorch's
   ``varlen_attn`` or FlexAttention with a document mask (built once per batch) in place of
   stop_fast's attention: the same model around a different attention (compare with ``fast``).
+On CUDA, run.py turns on ``torch.backends.cudnn.benchmark`` for every variant (``--no-cudnn-benchmark``
+keeps cuDNN's heuristics, under which open_clip's conv1 alone took 3.3 ms of a 12.4 ms ViT-B/32 step);
+the fast path computes conv1 and its Conv3d layers as GEMMs and does not depend on it.
 Recorded per case: median / p10 / p90 ms, videos/s, tokens per frame measured on the timed batch,
 FLOPs from those token counts, TFLOP/s and MFU against the bf16 matmul measured in the same run and
 against the data-sheet peak, peak memory, and for compiled variants the compile time (the first

@@ -149,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-compile-on-cpu", action="store_true", help="on a CPU, skip the torch.compile cases")
     parser.add_argument("--profile", action="store_true",
                         help="model cases: also a kernel-time breakdown by kind (CUDA; profile_kernels.py)")
+    parser.add_argument("--no-cudnn-benchmark", action="store_true",
+                        help="keep cuDNN's heuristic algorithm choice (default on CUDA: torch.backends.cudnn.benchmark "
+                             "= True for every variant, the setting a user tuning a baseline would choose)")
     parser.add_argument("--budget-s", type=float, help="skip cases that would end after this many seconds")
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and exit")
@@ -166,6 +169,11 @@ def main(argv=None) -> int:
         parser.error("--device cuda: no CUDA device is visible")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     ctx = Context(args, device)
+    if device.type == "cuda":
+        # open_clip's conv1 (and the reference path's convolutions) under cuDNN's heuristic choice ran
+        # a 3.3 ms non-tensor-core kernel at ViT-B/32, B = 32, T = 12 on an H100: a baseline measured
+        # that way would be a straw man. Autotuned algorithms are what a user tuning it would run.
+        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
     if device.type == "cpu" and args.no_compile_on_cpu:
         ctx.notes["compiled"] = "torch.compile cases skipped (--no-compile-on-cpu)"
     patterns = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
@@ -179,7 +187,8 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = load_existing(args.out) if args.append else {"runs": [], "cases": {}}
     run = {**common.provenance(device), "quick": args.quick, "batch": args.batch, "frames": args.frames,
-           "only": args.only, "budget_s": args.budget_s}
+           "only": args.only, "budget_s": args.budget_s,
+           "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None}
     try:
         ctx.ceilings = common.ceilings(device, args.quick)
     except Exception as exc:  # noqa: BLE001 - the cases still run; ratios are left out

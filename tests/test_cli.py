@@ -147,7 +147,7 @@ def test_encode_runs_one_forward_and_reports_its_counts(capsys, monkeypatch, imp
 
     def build_and_count(args):
         model = real_build(args)
-        model.clip.visual.conv1.register_forward_hook(lambda *a: forwards.append(1))
+        model.clip.visual.ln_post.register_forward_hook(lambda *a: forwards.append(1))  # once per forward, both paths
         built.append(model)
         return model
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn.functional as F
 
 import stop_fast
-from stop_fast.model.prompters import conv_logits
+from stop_fast.model.prompters import conv3x3x3_as_matmul, conv_logits
 from stop_fast.model.reference import attention_map, top_k_stable
-from stop_fast.model.steps import difference_features, patch_tokens
+from stop_fast.model.steps import difference_features, patch_embedding, patch_tokens
 
 from helpers import clip_model, make_stop, no_tf32, random_video
 
@@ -258,6 +258,38 @@ def test_stacked_conv3d_equals_each_layer_alone():
         x = h.permute(0, 3, 1, 2).reshape(2, 256, 3, 7, 7)  # SPEC: (B, 2D, T, g, g)
         expected = F.conv3d(x, layer.conv.weight, layer.conv.bias, padding=1).reshape(2, 3, 49)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape", [(2, 12, 7, 64, 2), (1, 1, 3, 8, 1), (3, 2, 14, 16, 2), (1, 5, 1, 4, 3)])
+def test_conv3d_as_matmul_is_the_convolution(shape):
+    """The fast path's Conv3d (one GEMM, then 27 shifted sums), forward and backward, in float64."""
+    b, t, g, c, o = shape
+    gen = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(b, t, g, g, c, generator=gen, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(o, c, 3, 3, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(o, generator=gen, dtype=torch.float64, requires_grad=True)
+    weight_out = torch.randn(b, o, t, g, g, generator=gen, dtype=torch.float64)
+    got = conv3x3x3_as_matmul(x, w, bias)
+    grads = torch.autograd.grad((got * weight_out).sum(), (x, w, bias))
+    expected = F.conv3d(x.permute(0, 4, 1, 2, 3), w, bias, padding=1)
+    expected_grads = torch.autograd.grad((expected * weight_out).sum(), (x, w, bias))
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    for a, e in zip(grads, expected_grads):
+        torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("patch,size,bias", [(32, 224, False), (16, 224, False), (14, 30, True), (4, 16, True)])
+def test_patch_embedding_as_matmul_is_conv1(patch, size, bias):
+    """conv1 as one GEMM of the patches (the fast path's step 1), in float64; sizes that are not a
+    multiple of the patch drop the remainder like the convolution."""
+    gen = torch.Generator().manual_seed(patch + size)
+    conv = torch.nn.Conv2d(3, 24, patch, stride=patch, bias=bias).double()
+    frames = torch.randn(3, 3, size, size, generator=gen, dtype=torch.float64)
+    expected = conv(frames).flatten(2).transpose(1, 2)
+    torch.testing.assert_close(patch_embedding(conv, frames), expected, rtol=1e-12, atol=1e-12)
+    overlapping = torch.nn.Conv2d(3, 24, patch, stride=patch // 2, bias=bias).double()  # not a patchify: conv
+    torch.testing.assert_close(patch_embedding(overlapping, frames), overlapping(frames).flatten(2).transpose(1, 2),
+                               rtol=0, atol=0)
 
 
 # --------------------------------------------------------------------------- true initialisation

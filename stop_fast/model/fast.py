@@ -1,6 +1,9 @@
 """The fast path: SPEC.md steps 1-12 on packed ragged sequences, through ``stop_fast.kernels``.
 
 Differences from the reference path, all of them exact rewrites (same function, other rounding):
+- step 1's conv1 is one GEMM of the non-overlapping patches, and the two Conv3d layers of steps 4
+  and 8 are one GEMM followed by a shifted sum (cuDNN runs both shapes slowly: see ``patch_embedding``
+  and ``conv3x3x3_as_matmul``);
 - step 3 uses the cheap form: the CLS query is folded into the key projection (``folded_cls_keys``,
   computed once per backbone state and cached), and the scoring kernel computes A, Dyn, S, R, g and
   the frame-variation term per frame without writing any N-sized intermediate to memory;
@@ -12,15 +15,18 @@ Differences from the reference path, all of them exact rewrites (same function, 
 - only the CLS token of the last block is used (step 12), so the last block computes keys and values
   for every token but the query, attention, out-projection and MLP for the CLS rows only.
 
-Host synchronisation: exactly one per call: the packed buffer's size depends on the token counts n_t,
-which live on the device. In eager mode on CUDA the (total, longest) pair is copied to pinned host
-memory without blocking as soon as the counts exist, and the host waits for it only when packing
-needs the size, after the prompters' work is queued; under ``torch.compile`` the same numbers become
-unbacked sizes (``kernels.cu_seqlens_from_counts``).
+Two stages around one host synchronisation: :func:`prompt_frames` (steps 1-10; every size fixed by B
+and T) and :func:`encode_packed` (steps 11-12 on the packed rows). The packed buffer's size depends on
+the token counts n_t, which live on the device: in eager mode on CUDA the (total, longest) pair is
+copied to pinned host memory without blocking as soon as the counts exist, and the host waits for it
+only when packing needs the size, after the prompters' work is queued. ``compile_encoder`` compiles
+each stage on its own and pads the packed rows to a bucket (:func:`pad_to_bucket`), so the encode
+stage has static shapes; compiling ``fast_forward`` whole turns the count into an unbacked size
+(``kernels.cu_seqlens_from_counts``) instead.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -209,41 +215,38 @@ def cls_block(block, x: torch.Tensor, starts: torch.Tensor, lengths: torch.Tenso
     return x_cls + block.ls_2(block.mlp(block.ln_2(x_cls)))
 
 
-def fast_forward(
-    model: "STOP",
-    video: torch.Tensor,
-    *,
-    selection: Optional[torch.Tensor] = None,
-    counts: Optional[torch.Tensor] = None,
-    attention: Optional[Attention] = None,
-    record: bool = False,
-    static_shapes: bool = False,
-):
-    """``video`` (B, T, 3, H, W) -> per-frame features (B, T, E), the same function as the reference.
+class Prompted(NamedTuple):
+    """Steps 1-10 of every frame: what packing needs. F = B T frames."""
 
-    ``selection`` (B, T, K) int64 and ``counts`` (B, T) int override R and n (already validated by
-    ``STOP``). ``attention``: a callable ``(q, k, v, cu_seqlens, max_seqlen) -> out``, each
-    (total_tokens, heads, head_dim), used in every block but the last instead of stop_fast's varlen
-    kernel (the last block attends from the CLS rows only, see ``cls_block``). With ``record`` returns
-    ``(per_frame, details)``, details as ``STOP.explain`` describes them, from this path's own values.
-    ``static_shapes``: pad every frame to 1 + N + rho tokens (``static_layout``; at ViT-B/32 ~8% more
-    tokens) so that no size depends on the data: no host sync at all, and under ``torch.compile``
-    every shape is static, which CUDA graphs (``mode="reduce-overhead"``) need.
+    z: torch.Tensor  # (F, 1+N, D) tokens
+    counts: torch.Tensor  # (F,) int32 n_t
+    top: Optional[torch.Tensor]  # (F, K) int64 R_t, None without intra-frame prompts
+    gate: Optional[torch.Tensor]  # (F, K) g_t
+    intra: Optional[torch.Tensor]  # (F, K, D) P_t on the selected patches
+    inter: Optional[torch.Tensor]  # (F, rho, D) candidate inter-frame tokens, None without them
+
+
+def prompt_frames(model: "STOP", video: torch.Tensor, selection: Optional[torch.Tensor] = None,
+                  counts: Optional[torch.Tensor] = None, details: Optional[Dict[str, torch.Tensor]] = None,
+                  start_sizes: bool = False) -> Tuple[Prompted, Optional[PackedSizes]]:
+    """Steps 1-10: tokens, scores, R, g, n and both prompts of every frame; no data-dependent size.
+
+    ``details`` (a dict) receives what ``STOP.explain`` reports, from this path's own values.
+    ``start_sizes`` (eager only): start the token count's device-to-host copy as soon as the counts
+    exist, before the prompters' work is queued, and return it as a :class:`PackedSizes`.
     """
     cfg = model.config
     visual = model.visual
     b, t = video.shape[:2]
-    n = model.num_patches
     frames = b * t
 
-    # 1-2. patch embeddings and difference features (H in chain dtype, built once)
-    z = patch_tokens(visual, video.flatten(0, 1))  # (F, 1+N, D)
+    # 1-2. patch embeddings (conv1 as one GEMM) and difference features (H in chain dtype, built once)
+    z = patch_tokens(visual, video.flatten(0, 1), as_matmul=True)  # (F, 1+N, D)
     h = difference_features(z[:, 1:].unflatten(0, (b, t)))  # (B, T, N, 2D)
     convs = [m for m in (getattr(model, "conv_intra", None), getattr(model, "conv_inter", None)) if m is not None]
-    logits = conv_logits(convs, h) if convs else []  # F (intra) and W (inter), one Conv3d
+    logits = conv_logits(convs, h, as_matmul=True) if convs else []  # F (intra) and W (inter), one GEMM
     dyn_logits = logits[0].flatten(0, 1).contiguous() if cfg.intra_enabled else None  # (F, N)
     w = logits[-1] if cfg.inter_enabled else None  # (B, T, N)
-    details: Dict[str, torch.Tensor] = {}
 
     # 3-8. scoring chain: autocast off, chain dtype
     top = gate = variation = None
@@ -263,7 +266,7 @@ def fast_forward(
                 gate = selection_gate(score, top)
                 if w is not None:
                     variation = frame_variation(w.flatten(0, 1), top, cfg.beta)
-            if record:
+            if details is not None:
                 details.update(attention=scores.attn, dynamics=scores.dyn, score=score, selected=top)
         frame_counts = torch.zeros(frames, dtype=torch.int32, device=video.device)
         if cfg.inter_enabled:
@@ -271,10 +274,11 @@ def fast_forward(
                 variation = frame_variation(w.flatten(0, 1), None, cfg.beta)
             v_hat = normalised_variation(variation.view(b, t), cfg.variation_eps)  # (B, T)
             frame_counts = (token_counts(v_hat, cfg.rho) if counts is None else counts).flatten().to(torch.int32)
-            if record:
+            if details is not None:
                 details["variation"] = v_hat
-    if not static_shapes:
-        sizes = PackedSizes(frame_counts, 1 + n)  # the size transfer starts now; prompter work queues behind it
+    sizes = None
+    if start_sizes and not torch.compiler.is_compiling():
+        sizes = PackedSizes(frame_counts, 1 + model.num_patches)  # prompter work queues behind the copy
 
     # 7, 10. prompts (in the precision the caller chose: autocast applies)
     intra = inter = None
@@ -283,37 +287,116 @@ def fast_forward(
         intra = model.prompter_intra(h_top)  # P on the selected patches only, (F, K, D)
     if cfg.inter_enabled:
         inter = model.prompter_inter(pooled_changes(w, h), v_hat).flatten(0, 1)  # (F, rho, D)
+    return Prompted(z, frame_counts, top, gate, intra, inter), sizes
 
-    # 11. packed ragged sequences through the frozen blocks
-    if static_shapes:
-        cu_seqlens, total, max_seqlen, starts = static_layout(frame_counts, 1 + n, cfg.rho)
-        e_tilde = z[:, 1:]
-        if intra is not None:  # the overlay as the packing kernel computes it: fp32, rounded once
-            index = top[..., None].expand(-1, -1, z.shape[-1])
-            e_tilde = e_tilde.to(gate.dtype).scatter_add(1, index, gate[..., None] * intra.to(gate.dtype)).to(z.dtype)
-        x = padded_sequences(z, e_tilde, inter, frame_counts).flatten(0, 1)  # (F * L, D)
-    else:
-        cu_seqlens, total, max_seqlen = sizes.wait()  # the one host sync
-        x = kernels.pack_sequences(z, frame_counts, cu_seqlens, total, top, gate, intra, inter, check_inputs=False)
-        starts = cu_seqlens[:-1].long()
+
+def encode_packed(model: "STOP", x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, starts: torch.Tensor,
+                  lengths: torch.Tensor, attention: Optional[Attention] = None) -> torch.Tensor:
+    """Steps 11-12 on packed sequences: ``x`` (rows, D) before ln_pre -> per-frame features (F, E).
+
+    Frame f is the ``lengths[f]`` rows from ``starts[f]``; rows of no frame (padding) form sequences
+    of their own in ``cu_seqlens`` and are never read by a frame. ``max_seqlen`` bounds every sequence.
+    """
+    visual = model.visual
     x = visual.ln_pre(x)
     blocks = visual.transformer.resblocks
+    checkpointed = model.grad_checkpointing and torch.is_grad_enabled()
     for block in blocks[:-1]:
-        if model.grad_checkpointing and torch.is_grad_enabled():
+        if checkpointed:
             x = checkpoint(packed_block, block, x, cu_seqlens, max_seqlen, attention, use_reentrant=False)
         else:
             x = packed_block(block, x, cu_seqlens, max_seqlen, attention)
-    lengths = frame_counts.long() + 1 + n
-    if model.grad_checkpointing and torch.is_grad_enabled():
-        cls = checkpoint(cls_block, blocks[-1], x, starts, lengths, 1 + n + cfg.rho, use_reentrant=False)
+    longest = 1 + model.num_patches + model.config.rho
+    if checkpointed:
+        cls = checkpoint(cls_block, blocks[-1], x, starts, lengths, longest, use_reentrant=False)
     else:
-        cls = cls_block(blocks[-1], x, starts, lengths, 1 + n + cfg.rho)  # (F, D)
+        cls = cls_block(blocks[-1], x, starts, lengths, longest)  # (F, D)
+    return frame_features(visual, cls)
 
-    # 12. per-frame features (the caller averages and normalises)
-    per_frame = frame_features(visual, cls).unflatten(0, (b, t))
+
+# Bucketed packing (the compiled encoder): padding rows split into this many sequences, so each is
+# at most one frame long and attention's per-sequence work stays that of a frame.
+BUCKET_SEQUENCES = 8
+
+
+def bucket_rows(total: int, longest: int) -> int:
+    """The packed row count ``total`` rounded up to a multiple of ``BUCKET_SEQUENCES * longest``."""
+    multiple = BUCKET_SEQUENCES * longest
+    return -(-total // multiple) * multiple
+
+
+def pad_to_bucket(x: torch.Tensor, cu_seqlens: torch.Tensor, longest: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Zero rows after the packed ``x`` up to :func:`bucket_rows`, as ``BUCKET_SEQUENCES`` sequences of
+    at most ``longest`` rows each (some may be empty): ``(x_padded, cu_seqlens_padded)``.
+
+    Every shape then depends only on the bucket, so a compiled encoder specialises on a few static
+    sizes instead of one data-dependent size (with which inductor's kernels ran ~2x slower).
+    """
+    total = x.shape[0]
+    rows = bucket_rows(total, longest)
+    pad = rows - total
+    pieces = [pad // BUCKET_SEQUENCES + (i < pad % BUCKET_SEQUENCES) for i in range(BUCKET_SEQUENCES)]
+    ends = torch.tensor(pieces, dtype=torch.int64).cumsum(0) + total
+    cu = torch.cat([cu_seqlens, ends.to(device=cu_seqlens.device, dtype=cu_seqlens.dtype, non_blocking=True)])
+    return F.pad(x, (0, 0, 0, pad)), cu
+
+
+def fast_forward(
+    model: "STOP",
+    video: torch.Tensor,
+    *,
+    selection: Optional[torch.Tensor] = None,
+    counts: Optional[torch.Tensor] = None,
+    attention: Optional[Attention] = None,
+    record: bool = False,
+    static_shapes: bool = False,
+    prompt: Callable = prompt_frames,
+    encode: Callable = encode_packed,
+    bucket: bool = False,
+):
+    """``video`` (B, T, 3, H, W) -> per-frame features (B, T, E), the same function as the reference.
+
+    ``selection`` (B, T, K) int64 and ``counts`` (B, T) int override R and n (already validated by
+    ``STOP``). ``attention``: a callable ``(q, k, v, cu_seqlens, max_seqlen) -> out``, each
+    (total_tokens, heads, head_dim), used in every block but the last instead of stop_fast's varlen
+    kernel (the last block attends from the CLS rows only, see ``cls_block``). With ``record`` returns
+    ``(per_frame, details)``, details as ``STOP.explain`` describes them, from this path's own values.
+    ``static_shapes``: pad every frame to 1 + N + rho tokens (``static_layout``; at ViT-B/32 ~8% more
+    tokens) so that no size depends on the data: no host sync at all, and under ``torch.compile``
+    every shape is static, which CUDA graphs (``mode="reduce-overhead"``) need.
+
+    The two stages around the one host sync, ``prompt`` (:func:`prompt_frames`) and ``encode``
+    (:func:`encode_packed`), may be replaced by compiled versions of themselves; with ``bucket`` the
+    packed rows are padded to :func:`bucket_rows` first (``compile_encoder`` does both).
+    """
+    b, t = video.shape[:2]
+    n = model.num_patches
+    rho = model.config.rho
+    details: Optional[Dict[str, torch.Tensor]] = {} if record else None
+    p, sizes = prompt(model, video, selection, counts, details, start_sizes=not static_shapes)
+    lengths = p.counts.long() + 1 + n
+    if static_shapes:
+        cu_seqlens, _, max_seqlen, starts = static_layout(p.counts, 1 + n, rho)
+        e_tilde = p.z[:, 1:]
+        if p.intra is not None:  # the overlay as the packing kernel computes it: fp32, rounded once
+            index = p.top[..., None].expand(-1, -1, p.z.shape[-1])
+            e_tilde = e_tilde.to(p.gate.dtype).scatter_add(1, index, p.gate[..., None] * p.intra.to(p.gate.dtype))
+            e_tilde = e_tilde.to(p.z.dtype)
+        x = padded_sequences(p.z, e_tilde, p.inter, p.counts).flatten(0, 1)  # (F * L, D)
+    else:
+        if sizes is None:  # the prompt stage ran compiled
+            sizes = PackedSizes(p.counts, 1 + n)
+        cu_seqlens, total, max_seqlen = sizes.wait()  # the one host sync
+        x = kernels.pack_sequences(p.z, p.counts, cu_seqlens, total, p.top, p.gate, p.intra, p.inter,
+                                   check_inputs=False)
+        starts = cu_seqlens[:-1].long()
+        if bucket:
+            max_seqlen = 1 + n + rho  # static, like every other size of the encode stage
+            x, cu_seqlens = pad_to_bucket(x, cu_seqlens, max_seqlen)
+    per_frame = encode(model, x, cu_seqlens, max_seqlen, starts, lengths, attention).unflatten(0, (b, t))
     if not record:
         return per_frame
     details = {k: v if k == "variation" else v.unflatten(0, (b, t)) for k, v in details.items()}
-    details["counts"] = frame_counts.view(b, t)
-    details["lengths"] = (1 + n + frame_counts).view(b, t)
+    details["counts"] = p.counts.view(b, t)
+    details["lengths"] = lengths.view(b, t)
     return per_frame, details
