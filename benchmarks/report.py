@@ -25,10 +25,24 @@ VARIANT_LABELS = {
     "reference": "reference, eager",
     "fast": "fast, eager",
     "fast_compiled": "fast, compiled",
+    "fast_compiled_cudagraphs": "fast, compiled, static shapes + CUDA graphs",
     "openclip_compiled": "open_clip encode_image, compiled (no prompts)",
     "padded_sdpa_compiled": "padded STOP + SDPA, compiled",
     "fast_torch_varlen_attn": "fast with torch varlen_attn, eager",
     "fast_flex_attention": "fast with FlexAttention, eager",
+}
+
+# Kernel kinds of benchmarks/profile_kernels.py, in table order, with short column names.
+PROFILE_KINDS = {
+    "GEMM (cuBLAS / CUTLASS)": "GEMM",
+    "fused Triton (inductor)": "inductor Triton",
+    "eager element-wise and reductions": "eager element-wise",
+    "copies and casts": "copies, casts",
+    "stop_fast attention": "stop_fast attention",
+    "other attention (flash, flex, SDPA)": "other attention",
+    "stop_fast scoring": "scoring",
+    "stop_fast packing": "packing",
+    "other": "other",
 }
 
 
@@ -88,8 +102,8 @@ def header(data) -> List[str]:
     commit = run.get("commit") or "unknown"
     dirty = run.get("dirty")
     lines = [f"Device: **{run.get('device', '?')}** (driver {run.get('driver') or 'n/a'}); torch {v.get('torch')}, "
-             f"triton {v.get('triton')}, Python {v.get('python')}; commit `{commit[:12]}`"
-             + (" (uncommitted changes)" if dirty else "") + f"; {run.get('date', '')}."]
+             f"triton {v.get('triton')}, Python {v.get('python')}; first run: commit `{commit[:12]}`"
+             + (" (uncommitted changes)" if dirty else "") + f", {run.get('date', '')}."]
     for i, r in enumerate(data["runs"]):
         c = r.get("ceilings", {})
         parts = []
@@ -100,8 +114,10 @@ def header(data) -> List[str]:
                 parts.append(f"{label} {c[key]:.3g} TFLOP/s")
         if c.get("datasheet_bf16_tflops"):
             parts.append(f"data sheet {c['datasheet_bf16_tflops']:.0f} TFLOP/s ({c.get('datasheet_part')})")
-        if parts:
-            lines.append(f"Measured in run {i} ({r.get('date', '')}, {r.get('device')}): " + ", ".join(parts) + ".")
+        commit_i = (r.get("commit") or "unknown")[:12]
+        lines.append(f"Run {i}: commit `{commit_i}`, {r.get('date', '')}, {r.get('device')}"
+                     + (": " + ", ".join(parts) if parts else "")
+                     + ("; cuDNN autotuning on" if r.get("cudnn_benchmark") else "") + ".")
     return lines
 
 
@@ -113,8 +129,8 @@ def model_table(data, name: str) -> List[str]:
     lines = [f"### Whole model, {name}, B = {some.get('batch', '?')}, T = {some.get('frames', '?')}, "
              f"{some.get('precision', '')}", "",
              "| variant | tokens/frame | inference ms (p10-p90) | videos/s | MFU | training step ms (p10-p90) | "
-             "videos/s | MFU | peak GiB | compile s (inf / train) |",
-             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+             "videos/s | MFU | peak GiB | compile s (inf / train) | run |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for variant, label in VARIANT_LABELS.items():
         inf, train = recs.get(f"{variant}/inference"), recs.get(f"{variant}/train")
         if inf is None and train is None:
@@ -127,11 +143,35 @@ def model_table(data, name: str) -> List[str]:
         compile_s = " / ".join(num(r.get("compile_s"), "{:.0f}") if ok(r) else "" for r in (inf, train))
         lines.append(f"| {label} | {tok} | {ms(inf)} | {rate(inf)} | "
                      f"{mfu(inf)} | {ms(train)} | {rate(train)} | "
-                     f"{mfu(train)} | {num(mem, '{:.2f}') if mem else ''} | {compile_s if compile_s.strip(' /') else ''} |")
+                     f"{mfu(train)} | {num(mem, '{:.2f}') if mem else ''} | {compile_s if compile_s.strip(' /') else ''} | "
+                     f"{' / '.join(dict.fromkeys(str(r.get('run', 0)) for r in (inf, train) if ok(r)))} |")
     lines.append("")
     lines.append("MFU: FLOPs of the real tokens over the measured time, against the matmul measured in the "
                  "same run (bf16 on a GPU, fp32 on a CPU; the data-sheet ratio is in the JSON). Padded variants "
                  "are credited the same useful FLOPs as the packed ones.")
+    return lines
+
+
+def profile_table(data) -> List[str]:
+    """Where each profiled model case's GPU time goes (run.py --profile), ms per step by kernel kind."""
+    recs = {k: v for k, v in data["cases"].items() if k.startswith("model/") and "by_kind_ms" in v.get("profile", {})}
+    if not recs:
+        return []
+    seen = {kind for r in recs.values() for kind in r["profile"]["by_kind_ms"]}
+    kinds = [k for k in PROFILE_KINDS if k in seen] + sorted(seen - set(PROFILE_KINDS))
+    main = [k for k in kinds if max(r["profile"]["by_kind_ms"].get(k, 0) for r in recs.values()) >= 0.1]
+    lines = ["### Where the GPU time goes (torch.profiler, ms per step)", "",
+             "| case | median ms | GPU busy | kernels | " + " | ".join(PROFILE_KINDS.get(k, k) for k in main) + " | rest |",
+             "| --- | ---: | ---: | ---: | " + " | ".join("---:" for _ in main) + " | ---: |"]
+    for key, rec in recs.items():
+        prof = rec["profile"]
+        by_kind = prof["by_kind_ms"]
+        rest = sum(v for k, v in by_kind.items() if k not in main)
+        lines.append(f"| {key[len('model/'):]} | {rec['median_ms']:.2f} | {prof['gpu_busy_ms']:.2f} | "
+                     f"{prof['kernels_per_step']:.0f} | " + " | ".join(f"{by_kind.get(k, 0):.2f}" for k in main)
+                     + f" | {rest:.2f} |")
+    lines += ["", "GPU busy: the kernels' summed durations; below the median, the GPU waited (launches, the "
+                  "host sync). Kinds by kernel name (benchmarks/profile_kernels.py); the top kernels are in the JSON."]
     return lines
 
 
@@ -277,6 +317,7 @@ def markdown(data) -> str:
     sections = [header(data), targets_table(data)]
     for name in ("ViT-B-32", "ViT-B-16", "stop-tiny"):
         sections.append(model_table(data, name))
+    sections.append(profile_table(data))
     sections += [op_table(data, "attention", "Attention alone"),
                  op_table(data, "scoring", "Patch scoring + top-K"),
                  op_table(data, "packing", "Sequence packing"),
@@ -345,7 +386,8 @@ def plot(data, path: str) -> None:
         ax.set_title(f"scaling with {axis}", fontsize=9)
         ax.legend(fontsize=7)
     run = data["runs"][0] if data["runs"] else {}
-    fig.suptitle(f"stop_fast on {run.get('device', '?')} (commit {str(run.get('commit'))[:12]})", fontsize=10)
+    commits = ", ".join(dict.fromkeys(str(r.get("commit"))[:12] for r in data["runs"]))
+    fig.suptitle(f"stop_fast on {run.get('device', '?')} (commit {commits}; see the table for each row's run)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 

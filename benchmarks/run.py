@@ -52,7 +52,7 @@ class Context:
         self.cache: Dict[Any, Any] = {}
         self.notes: Dict[str, Any] = {}
         if self.quick and device.type == "cpu":
-            self.timing = {"warmup": 1, "min_reps": 3, "target_s": 0.2}
+            self.timing = {"warmup": 2, "min_reps": 5, "target_s": 0.5}
         elif self.quick:
             self.timing = {"warmup": 2, "min_reps": 5, "target_s": 0.5}
         else:

@@ -379,6 +379,26 @@ def test_fast_path_compiles_as_two_static_graphs():
     assert encode.compiled
 
 
+def test_compiled_encoder_with_grad_checkpointing():
+    """The encode stage checkpoints its blocks inside the compiled graph: same gradients as eager."""
+    model = make_stop(randomize=True, seed=4, num_frames=3)
+    video = _stable_video(model, batch=1, seed=5)
+    eager, eager_grad = _grads(model, video, "fast")
+    model.set_grad_checkpointing(True)
+    try:
+        encode = compile_encoder(model, backend="aot_eager", fullgraph=True)
+        model.zero_grad(set_to_none=True)
+        out = encode(video)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    finally:
+        model.set_grad_checkpointing(False)
+    assert encode.compiled, encode.fallback_reason
+    torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager_grad[name], rtol=1e-5, atol=1e-7)
+
+
 def test_bucketed_packing_is_the_same_function():
     """Rows padded to a bucket, as ``BUCKET_SEQUENCES`` sequences of at most one frame each, change
     neither the features nor the gradients."""
