@@ -24,9 +24,10 @@ KINDS: Tuple[Tuple[str, Tuple[str, ...]], ...] = (
     ("stop_fast scoring", ("_score", "_topk", "_scoring")),
     ("stop_fast packing", ("_pack", "_unpack", "_overlay", "_slot")),
     ("other attention (flash, flex, SDPA)", ("flash", "fmha", "flex", "attention", "sdpa")),
-    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "sm90_", "sm80_", "cublas")),
+    ("GEMM (cuBLAS / CUTLASS)", ("gemm", "nvjet", "cutlass", "xmma", "wgmma", "sm90_", "sm80_", "cublas",
+                                 "triton_tem")),  # triton_tem: inductor's GEMM templates (max-autotune)
     ("fused Triton (inductor)", ("triton_",)),
-    ("copies and casts", ("copy", "memcpy", "memset", "cat", "fill")),
+    ("copies and casts", ("copy", "memcpy", "memset", "catarray", "fill")),
     ("eager element-wise and reductions", ("elementwise", "reduce", "softmax", "layer_norm", "norm")),
 )
 
@@ -55,7 +56,8 @@ def kernel_breakdown(step: Callable[[], Any], device: torch.device, iters: int =
         wall = time.perf_counter() - start
     by_name: Dict[str, List[float]] = defaultdict(lambda: [0.0, 0])
     for event in prof.events():
-        if event.device_type != torch.autograd.DeviceType.CUDA:
+        # GPU-side user annotations (dynamo's and inductor's region labels) span kernels: not kernels
+        if event.device_type != torch.autograd.DeviceType.CUDA or getattr(event, "is_user_annotation", False):
             continue
         entry = by_name[event.name]
         entry[0] += event.time_range.elapsed_us()

@@ -139,6 +139,8 @@ def model_table(data, name: str) -> List[str]:
         tok = num(tokens.get("mean_per_frame"))
         if tokens.get("layout") == "padded":
             tok += f" (padded to {tokens.get('computed_per_frame')})"
+        elif tokens.get("layout") == "packed, padded to a bucket":
+            tok += f" ({tokens.get('computed_per_frame'):.1f} rows: bucket)"
         mem = max([r.get("peak_memory_mib", 0) for r in (inf, train) if ok(r)] or [0]) / 1024
         compile_s = " / ".join(num(r.get("compile_s"), "{:.0f}") if ok(r) else "" for r in (inf, train))
         lines.append(f"| {label} | {tok} | {ms(inf)} | {rate(inf)} | "

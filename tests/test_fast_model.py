@@ -3,6 +3,7 @@
 On a CPU these run the Triton kernels through the interpreter (tests/conftest.py sets
 TRITON_INTERPRET=1), so they test the kernels inside the model, not a PyTorch stand-in.
 """
+import contextlib
 import copy
 import warnings
 
@@ -13,6 +14,7 @@ from stop_fast import kernels
 from stop_fast.model.compiled import compile_encoder
 from stop_fast.model.fast import (
     BUCKET_SEQUENCES,
+    FRAMES_PER_STEP,
     PackedSizes,
     bucket_rows,
     cls_block,
@@ -194,7 +196,7 @@ def test_explain_fast_reports_the_fast_paths_own_values():
     ref, fast = model.explain(video), model.explain(video, impl="fast")
     assert set(fast) == set(ref)
     for key in ("selected", "counts", "lengths"):
-        assert torch.equal(fast[key], ref[key]), key
+        assert torch.equal(fast[key], ref[key]) and fast[key].dtype == ref[key].dtype, key  # equal() ignores dtype
     truth = copy.deepcopy(model).double().explain(video.double())  # same R and n (checked below)
     for key in ("selected", "counts"):
         assert torch.equal(truth[key], ref[key]), key
@@ -360,9 +362,10 @@ def test_fast_path_compiles_as_two_static_graphs():
     assert len(graphs) == 2
     assert not [d for shapes in graphs for shape in shapes for d in shape if isinstance(d, torch.SymInt)]
     longest = 1 + model.num_patches + model.config.rho
+    frames = video.shape[0] * video.shape[1]
     with torch.no_grad():
         total = int(model.explain(video, impl="fast")["lengths"].sum())
-    assert (bucket_rows(total, longest), model.width) in graphs[1]  # the encode stage saw the bucketed rows
+    assert (bucket_rows(total, longest, frames), model.width) in graphs[1]  # the encode stage saw the bucketed rows
     (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
     torch.testing.assert_close(out, eager, rtol=0, atol=1e-6)
     for name, p in model.named_parameters():
@@ -370,7 +373,8 @@ def test_fast_path_compiles_as_two_static_graphs():
             torch.testing.assert_close(p.grad, eager_grad[name], rtol=1e-5, atol=1e-7)
     other = _stable_video(model, batch=2, seed=7)
     with torch.no_grad():
-        assert bucket_rows(int(model.explain(other, impl="fast")["lengths"].sum()), longest) == bucket_rows(total, longest)
+        other_total = int(model.explain(other, impl="fast")["lengths"].sum())
+        assert bucket_rows(other_total, longest, frames) == bucket_rows(total, longest, frames)
         expected = model.encode_video(other, impl="fast")
     torch.testing.assert_close(encode(other), expected, rtol=0, atol=1e-6)  # grad mode as before
     assert len(graphs) == 2  # same bucket: no new graph
@@ -399,6 +403,42 @@ def test_compiled_encoder_with_grad_checkpointing():
             torch.testing.assert_close(p.grad, eager_grad[name], rtol=1e-5, atol=1e-7)
 
 
+def test_compile_encoder_past_the_recompile_limit(monkeypatch):
+    """fullgraph=True makes dynamo raise once its recompile limit is reached: that call runs eagerly
+    with one warning, and the shapes compiled before stay compiled."""
+    import torch._dynamo
+
+    from stop_fast.model import compiled
+
+    real = compiled._compiler_config
+    name = "recompile_limit" if hasattr(torch._dynamo.config, "recompile_limit") else "cache_size_limit"
+
+    def one_graph_each():
+        stack = contextlib.ExitStack()
+        stack.enter_context(real())
+        stack.enter_context(torch._dynamo.config.patch(**{name: 1}))
+        return stack
+
+    monkeypatch.setattr(compiled, "_compiler_config", one_graph_each)
+    torch._dynamo.reset()  # the functions' graphs from other tests count against the limit
+    try:
+        model = make_stop(randomize=True, seed=4, num_frames=3)
+        encode = compile_encoder(model, backend="aot_eager", fullgraph=True)
+        one, two = random_video(model, batch=1, seed=1), random_video(model, batch=2, seed=2)
+        with torch.no_grad():
+            out_one = encode(one)
+            with pytest.warns(RuntimeWarning, match="recompile limit") as caught:
+                out_two = encode(two)  # a new batch shape: one graph more than allowed
+                again = encode(two)
+            assert len([w for w in caught if "recompile limit" in str(w.message)]) == 1
+            assert encode.compiled and encode.fallback_reason is None
+            torch.testing.assert_close(out_one, model.encode_video(one, impl="fast"), rtol=0, atol=1e-6)
+            torch.testing.assert_close(out_two, model.encode_video(two, impl="fast"), rtol=0, atol=1e-6)
+            torch.testing.assert_close(again, out_two, rtol=0, atol=0)
+    finally:
+        torch._dynamo.reset()
+
+
 def test_bucketed_packing_is_the_same_function():
     """Rows padded to a bucket, as ``BUCKET_SEQUENCES`` sequences of at most one frame each, change
     neither the features nor the gradients."""
@@ -418,17 +458,24 @@ def test_bucketed_packing_is_the_same_function():
     for name in grads:
         torch.testing.assert_close(grads_b[name], grads[name], rtol=1e-5, atol=1e-7 * scale)
 
-    longest = 1 + model.num_patches + model.config.rho
+    n, rho = model.num_patches, model.config.rho
+    longest = 1 + n + rho
     gen = torch.Generator().manual_seed(0)
-    for total in (1, longest, BUCKET_SEQUENCES * longest, BUCKET_SEQUENCES * longest + 5, 1000):
+    for frames in (1, 12, 47, 48, 100, 384, 1000):
+        lengths = torch.randint(1 + n, longest + 1, (frames,), generator=gen)
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), lengths.cumsum(0).to(torch.int32)])
+        total = int(cu[-1])
         x = torch.randn(total, 8, generator=gen)
-        cu = torch.tensor([0, total], dtype=torch.int32)
         padded, cu_padded = pad_to_bucket(x, cu, longest)
-        assert padded.shape[0] == bucket_rows(total, longest) and padded.shape[0] % (BUCKET_SEQUENCES * longest) == 0
-        assert padded.shape[0] >= total and torch.equal(padded[:total], x) and not padded[total:].any()
-        assert cu_padded.dtype == torch.int32 and cu_padded.shape == (2 + BUCKET_SEQUENCES,)
-        assert cu_padded[-1] == padded.shape[0] and (cu_padded.diff() >= 0).all()
-        assert (cu_padded[2:].diff() <= longest).all() and cu_padded[2] - total <= longest
+        step = min(max(frames // FRAMES_PER_STEP, 1), BUCKET_SEQUENCES) * longest
+        rows = padded.shape[0]
+        assert rows == bucket_rows(total, longest, frames) and rows % step == 0 and total <= rows < total + step
+        assert rows - total <= 0.03 * total + longest  # a few percent at any batch size
+        assert torch.equal(padded[:total], x) and not padded[total:].any()
+        assert cu_padded.dtype == torch.int32 and cu_padded.shape == (frames + 1 + BUCKET_SEQUENCES,)
+        assert torch.equal(cu_padded[: frames + 1], cu) and cu_padded[-1] == rows
+        pieces = cu_padded[frames:].diff()
+        assert (pieces >= 0).all() and (pieces <= longest).all() and pieces.max() - pieces.min() <= 1
 
 
 def test_compile_encoder_falls_back_to_eager_with_one_warning():
@@ -484,7 +531,7 @@ def test_static_shapes_give_the_same_features_and_gradients():
     out_static, details_static, grads_static = run(True)
     torch.testing.assert_close(out_static, out, rtol=0, atol=2e-6)
     for key in ("selected", "counts", "lengths"):
-        assert torch.equal(details_static[key], details[key]), key
+        assert torch.equal(details_static[key], details[key]) and details_static[key].dtype == details[key].dtype, key
     scale = _global_scale(grads)
     for name in grads:
         torch.testing.assert_close(grads_static[name], grads[name], rtol=1e-4, atol=1e-6 * scale)

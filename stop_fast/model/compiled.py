@@ -7,12 +7,12 @@ registered autograd, so they trace).
 
 The fast path compiles as two graphs around its one host synchronisation (the packed token count):
 the prompt stage (steps 1-10, shapes fixed by B and T) and the encode stage (steps 11-12), whose
-packed rows are padded to a bucket (``fast.bucket_rows``: a multiple of 8 frames' worth, ~1% more
-rows on average) and compiled with static shapes, one graph per bucket. Measured on an H100
-(ViT-B/32, B = 32, T = 12, bf16): the single graph with the count as an unbacked (data-dependent)
-size ran its inductor kernels ~2x slower than static shapes (5.5 ms against 2.7 ms per step) and
-left the GPU idle ~2 ms. A new bucket or batch shape compiles once (tens of seconds on a GPU);
-a training run meets a handful.
+packed rows are padded to a bucket (``fast.bucket_rows``: a multiple of up to 8 frames' worth of
+rows, under ~2.5% more rows at any batch size) and compiled with static shapes, one graph per bucket.
+Measured on an H100 (ViT-B/32, B = 32, T = 12, bf16): the single graph with the count as an unbacked
+(data-dependent) size ran its inductor kernels ~2x slower than static shapes (5.5 ms against 2.7 ms
+per step) and left the GPU idle ~2 ms. A new bucket or batch shape compiles once (tens of seconds
+on a GPU); a training run meets a handful.
 
 Usage::
 
@@ -35,7 +35,8 @@ if TYPE_CHECKING:  # pragma: no cover
     from .stop import STOP
 
 
-# Compiled encode stages kept per function: one per bucket of packed rows (a few per batch shape).
+# Graphs dynamo keeps per compiled function, shared by every encoder of the process: the encode stage
+# needs one per (batch shape, bucket of packed rows, grad mode), a few per batch shape.
 RECOMPILE_LIMIT = 64
 
 
@@ -73,6 +74,7 @@ class CompiledEncoder:
         self.compiled = True
         self.fallback_reason = None
         self._succeeded = False
+        self._warned_recompile_limit = False
         self.staged = impl == "fast" and not static_shapes
         try:
             if self.staged:
@@ -105,12 +107,25 @@ class CompiledEncoder:
             except torch.OutOfMemoryError:
                 raise
             except Exception as exc:
+                if _is_recompile_limit(exc):  # fullgraph=True past the limit: this shape runs eagerly
+                    self._warn_recompile_limit(exc)
+                    return self._features(video)
                 # Before the first success any failure is the compiler's (the inputs were checked);
                 # later only compiler errors are (a recompilation for a new shape), others propagate.
                 if self._succeeded and not _is_compiler_error(exc):
                     raise
                 self._fall_back(exc)
         return self._features(video)
+
+    def _warn_recompile_limit(self, exc: BaseException) -> None:
+        if not self._warned_recompile_limit:
+            self._warned_recompile_limit = True
+            warnings.warn(
+                f"compile_encoder: dynamo's recompile limit was reached ({_one_line(exc)}); shapes that "
+                "were not compiled yet run eagerly, compiled ones stay compiled",
+                RuntimeWarning,
+                stacklevel=3,
+            )
 
     def _fall_back(self, exc: BaseException) -> None:
         self.compiled = False
@@ -137,6 +152,16 @@ def _one_line(exc: BaseException) -> str:
     return describe(exc) if root is exc else f"{describe(exc)} ... {describe(root)}"
 
 
+def _is_recompile_limit(exc: BaseException) -> bool:
+    """dynamo refused to compile one more graph for this code (``fullgraph=True`` raises; without it
+    dynamo runs the new shape eagerly itself). The graphs compiled so far are still good."""
+    import torch._dynamo.exc
+
+    limit = getattr(torch._dynamo.exc, "FailOnRecompileLimitHit", None) or getattr(
+        torch._dynamo.exc, "FailOnCacheLimitHit", None)
+    return limit is not None and isinstance(exc, limit)
+
+
 def _is_compiler_error(exc: BaseException) -> bool:
     import torch._dynamo.exc
 
@@ -151,9 +176,12 @@ def compile_encoder(model: "STOP", impl: str = "fast", static_shapes: bool = Fal
 
     If compiling fails (at ``torch.compile`` or when the first call traces and compiles), it warns
     once, naming the reason, and runs eagerly from then on. Gradients flow to the trainable parts as
-    in eager mode. New input shapes recompile (``torch.compile``'s own rules, e.g. ``dynamic=``).
+    in eager mode. New input shapes recompile (``torch.compile``'s own rules, e.g. ``dynamic=``); the
+    fast path compiles as two graphs around its host sync, the second once per bucket of packed rows
+    (``dynamic=False`` unless given; see the module docstring).
+
     ``static_shapes=True`` (fast path, for inference) pads every frame to 1 + N + rho tokens so that
-    no shape depends on the data and no host sync remains: the same features (up to rounding), ~8%
-    more tokens at ViT-B/32, and CUDA graphs become possible (``mode="reduce-overhead"``).
+    no shape depends on the data and no host sync remains: the same features (up to rounding), ~11%
+    more tokens at ViT-B/32 with rho = 12, and CUDA graphs become possible (``mode="reduce-overhead"``).
     """
     return CompiledEncoder(model, impl, static_shapes, **compile_kwargs)

@@ -317,11 +317,16 @@ def encode_packed(model: "STOP", x: torch.Tensor, cu_seqlens: torch.Tensor, max_
 # Bucketed packing (the compiled encoder): padding rows split into this many sequences, so each is
 # at most one frame long and attention's per-sequence work stays that of a frame.
 BUCKET_SEQUENCES = 8
+# Frames per bucket step: the bucket is a multiple of (frames // FRAMES_PER_STEP) frames' worth of
+# rows (1 to BUCKET_SEQUENCES frames), so padding adds at most ~2.5% rows at any batch size.
+FRAMES_PER_STEP = 48
 
 
-def bucket_rows(total: int, longest: int) -> int:
-    """The packed row count ``total`` rounded up to a multiple of ``BUCKET_SEQUENCES * longest``."""
-    multiple = BUCKET_SEQUENCES * longest
+def bucket_rows(total: int, longest: int, frames: int) -> int:
+    """The packed row count ``total`` of ``frames`` frames, rounded up to a multiple of ``m * longest``
+    with ``m = clamp(frames // FRAMES_PER_STEP, 1, BUCKET_SEQUENCES)``: at most ~(48 * rho / longest)
+    buckets over every possible total, whatever the batch size (at most ten at ViT-B/32, rho = 12)."""
+    multiple = min(max(frames // FRAMES_PER_STEP, 1), BUCKET_SEQUENCES) * longest
     return -(-total // multiple) * multiple
 
 
@@ -330,15 +335,15 @@ def pad_to_bucket(x: torch.Tensor, cu_seqlens: torch.Tensor, longest: int) -> Tu
     at most ``longest`` rows each (some may be empty): ``(x_padded, cu_seqlens_padded)``.
 
     Every shape then depends only on the bucket, so a compiled encoder specialises on a few static
-    sizes instead of one data-dependent size (with which inductor's kernels ran ~2x slower).
+    sizes instead of one data-dependent size (with which inductor's kernels ran ~2x slower). The
+    padding's offsets are computed on the device from two Python ints: no host-to-device copy.
     """
     total = x.shape[0]
-    rows = bucket_rows(total, longest)
-    pad = rows - total
-    pieces = [pad // BUCKET_SEQUENCES + (i < pad % BUCKET_SEQUENCES) for i in range(BUCKET_SEQUENCES)]
-    ends = torch.tensor(pieces, dtype=torch.int64).cumsum(0) + total
-    cu = torch.cat([cu_seqlens, ends.to(device=cu_seqlens.device, dtype=cu_seqlens.dtype, non_blocking=True)])
-    return F.pad(x, (0, 0, 0, pad)), cu
+    pad = bucket_rows(total, longest, cu_seqlens.shape[0] - 1) - total
+    piece, extra = divmod(pad, BUCKET_SEQUENCES)  # the first `extra` pieces get one row more
+    i = torch.arange(1, BUCKET_SEQUENCES + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
+    ends = total + piece * i + i.clamp(max=extra)
+    return F.pad(x, (0, 0, 0, pad)), torch.cat([cu_seqlens, ends])
 
 
 def fast_forward(
@@ -361,8 +366,8 @@ def fast_forward(
     (total_tokens, heads, head_dim), used in every block but the last instead of stop_fast's varlen
     kernel (the last block attends from the CLS rows only, see ``cls_block``). With ``record`` returns
     ``(per_frame, details)``, details as ``STOP.explain`` describes them, from this path's own values.
-    ``static_shapes``: pad every frame to 1 + N + rho tokens (``static_layout``; at ViT-B/32 ~8% more
-    tokens) so that no size depends on the data: no host sync at all, and under ``torch.compile``
+    ``static_shapes``: pad every frame to 1 + N + rho tokens (``static_layout``; ~11% more tokens at
+    ViT-B/32 with rho = 12) so that no size depends on the data: no host sync at all, and under ``torch.compile``
     every shape is static, which CUDA graphs (``mode="reduce-overhead"``) need.
 
     The two stages around the one host sync, ``prompt`` (:func:`prompt_frames`) and ``encode``
@@ -398,5 +403,5 @@ def fast_forward(
         return per_frame
     details = {k: v if k == "variation" else v.unflatten(0, (b, t)) for k, v in details.items()}
     details["counts"] = p.counts.view(b, t)
-    details["lengths"] = lengths.view(b, t)
+    details["lengths"] = lengths.to(torch.int32).view(b, t)
     return per_frame, details

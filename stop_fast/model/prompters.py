@@ -54,21 +54,20 @@ def conv3x3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     and a shifted sum: channels-last ``x`` (B, T, g, g, C) -> (B, O, T, g, g).
 
     ``Y = x @ W`` with W (C, 27 O) gives every (output channel, kernel offset) term of every position
-    at once (one read of x, the large operand); output position p then sums ``Y[p + offset, offset]``
-    over the 27 offsets, zero outside the grid. Same sums as the convolution, other order. Why: with
-    O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98% of it padding (0.6 ms forward and 1.2 ms
-    weight gradient at ViT-B/32, B = 32, T = 12 on an H100, for 3 GFLOP).
+    at once (one read of x, the large operand); output position p then sums ``Y[p + offset - 1, offset]``
+    over the 27 offsets, zero outside the grid: on the zero-padded Y, the three ``unfold`` windows that
+    start at each offset, their diagonals (window = offset) taken as views, and one sum. Same sums as
+    the convolution, other order. Why: with O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98%
+    of it padding (0.6 ms forward and 1.2 ms weight gradient at ViT-B/32, B = 32, T = 12 on an H100,
+    for 3 GFLOP).
     """
     b, t, gh, gw, c = x.shape
     o = weight.shape[0]
     y = (x.reshape(-1, c) @ weight.permute(0, 2, 3, 4, 1).reshape(o * 27, c).t()).view(b, t, gh, gw, o, 3, 3, 3)
-    y = F.pad(y.permute(0, 4, 5, 6, 7, 1, 2, 3), (1, 1, 1, 1, 1, 1))  # (B, O, 3, 3, 3, T+2, g+2, g+2)
-    out = bias.view(1, o, 1, 1, 1).expand(b, o, t, gh, gw)
-    for dt in range(3):
-        for dy in range(3):
-            for dx in range(3):
-                out = out + y[:, :, dt, dy, dx, dt:dt + t, dy:dy + gh, dx:dx + gw]
-    return out
+    y = F.pad(y.permute(0, 4, 5, 6, 7, 1, 2, 3), (1, 1, 1, 1, 1, 1))  # (B, O, kt, ky, kx, T+2, g+2, g+2)
+    y = y.unfold(5, t, 1).unfold(6, gh, 1).unfold(7, gw, 1)  # (B, O, kt, ky, kx, st, sy, sx, T, g, g)
+    y = y.diagonal(dim1=2, dim2=5).diagonal(dim1=2, dim2=4).diagonal(dim1=2, dim2=3)  # (B, O, T, g, g, 3, 3, 3)
+    return y.sum((-3, -2, -1)) + bias.view(1, o, 1, 1, 1)
 
 
 class IntraPrompter(nn.Module):
