@@ -55,9 +55,11 @@ def conv3x3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
 
     ``Y = x @ W`` with W (C, 27 O) gives every (output channel, kernel offset) term of every position
     at once (one read of x, the large operand); output position p then sums ``Y[p + offset - 1, offset]``
-    over the 27 offsets, zero outside the grid: on the zero-padded Y, the three ``unfold`` windows that
-    start at each offset, their diagonals (window = offset) taken as views, and one sum. Same sums as
-    the convolution, other order. Why: with O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98%
+    over the 27 offsets, zero outside the grid: on the zero-padded Y, one strided view whose offset
+    axes also step through space, and one sum (no two elements of the view share memory, so its
+    backward is a plain scatter: 15 ms against 108 ms for 27 slice-adds and 300 ms for unfold +
+    diagonal views, forward + backward at B = 32, T = 12, float64 on a CPU). Same sums as the
+    convolution, other order. Why: with O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98%
     of it padding (0.6 ms forward and 1.2 ms weight gradient at ViT-B/32, B = 32, T = 12 on an H100,
     for 3 GFLOP).
     """
@@ -65,9 +67,11 @@ def conv3x3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     o = weight.shape[0]
     y = (x.reshape(-1, c) @ weight.permute(0, 2, 3, 4, 1).reshape(o * 27, c).t()).view(b, t, gh, gw, o, 3, 3, 3)
     y = F.pad(y.permute(0, 4, 5, 6, 7, 1, 2, 3), (1, 1, 1, 1, 1, 1))  # (B, O, kt, ky, kx, T+2, g+2, g+2)
-    y = y.unfold(5, t, 1).unfold(6, gh, 1).unfold(7, gw, 1)  # (B, O, kt, ky, kx, st, sy, sx, T, g, g)
-    y = y.diagonal(dim1=2, dim2=5).diagonal(dim1=2, dim2=4).diagonal(dim1=2, dim2=3)  # (B, O, T, g, g, 3, 3, 3)
-    return y.sum((-3, -2, -1)) + bias.view(1, o, 1, 1, 1)
+    s = y.stride()
+    # terms[b, o, t, i, j, kt, ky, kx] = y[b, o, kt, ky, kx, t + kt, i + ky, j + kx]
+    terms = y.as_strided((b, o, t, gh, gw, 3, 3, 3),
+                         (s[0], s[1], s[5], s[6], s[7], s[2] + s[5], s[3] + s[6], s[4] + s[7]))
+    return terms.sum((-3, -2, -1)) + bias.view(1, o, 1, 1, 1)
 
 
 class IntraPrompter(nn.Module):
