@@ -8,7 +8,8 @@ registered autograd, so they trace).
 The fast path compiles as two graphs around its one host synchronisation (the packed token count):
 the prompt stage (steps 1-10, shapes fixed by B and T) and the encode stage (steps 11-12), whose
 packed rows are padded to a bucket (``fast.bucket_rows``: a multiple of up to 8 frames' worth of
-rows, under ~2.5% more rows at any batch size) and compiled with static shapes, one graph per bucket.
+rows: at most ~2.5% more rows from 48 frames up, less than one frame's worth below) and compiled
+with static shapes, one graph per bucket.
 Measured on an H100 (ViT-B/32, B = 32, T = 12, bf16): the single graph with the count as an unbacked
 (data-dependent) size ran its inductor kernels ~2x slower than static shapes (5.5 ms against 2.7 ms
 per step) and left the GPU idle ~2 ms. A new bucket or batch shape compiles once (tens of seconds
