@@ -57,9 +57,8 @@ def conv3x3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     at once (one read of x, the large operand); output position p then sums ``Y[p + offset - 1, offset]``
     over the 27 offsets, zero outside the grid: on the zero-padded Y, one strided view whose offset
     axes also step through space, and one sum (no two elements of the view share memory, so its
-    backward is a plain scatter: 15 ms against 108 ms for 27 slice-adds and 300 ms for unfold +
-    diagonal views, forward + backward at B = 32, T = 12, float64 on a CPU). Same sums as the
-    convolution, other order. Why: with O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98%
+    backward is a plain scatter; 27 slice-adds, or unfold + diagonal views, have far slower
+    backwards in eager mode). Same sums as the convolution, other order. Why: with O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98%
     of it padding (0.6 ms forward and 1.2 ms weight gradient at ViT-B/32, B = 32, T = 12 on an H100,
     for 3 GFLOP).
     """
