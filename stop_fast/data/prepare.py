@@ -37,6 +37,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
@@ -320,7 +321,13 @@ def _crash_record(job, processes) -> Dict:
     codes = []
     for p in processes:
         try:
-            p.join(5)  # already dead; joining reaps it and sets its exit code
+            # The pool's manager thread reaps the dead worker too. Whichever thread's waitpid loses
+            # gets no status, and ours may return before the winner has stored it in the shared
+            # Process object: wait (briefly) for the code to appear rather than read it once.
+            deadline = time.monotonic() + 5.0
+            p.join(5)
+            while p.exitcode is None and time.monotonic() < deadline:
+                time.sleep(0.01)
             codes += [p.exitcode] if p.exitcode else []
         except (AssertionError, ValueError, AttributeError):  # a process object the pool already closed
             pass
