@@ -29,6 +29,8 @@ Variants:
 On CUDA, run.py turns on ``torch.backends.cudnn.benchmark`` for every variant (``--no-cudnn-benchmark``
 keeps cuDNN's heuristics, under which open_clip's conv1 alone took 3.3 ms of a 12.4 ms ViT-B/32 step);
 the fast path computes conv1 and its Conv3d layers as GEMMs and does not depend on it.
+``--compile-mode max-autotune-no-cudagraphs`` compiles the fast path and both compiled baselines with
+inductor's GEMM autotuning and epilogue fusion (minutes of compiling per case on a GPU).
 Recorded per case: median / p10 / p90 ms, videos/s, tokens per frame measured on the timed batch,
 FLOPs from those token counts, TFLOP/s and MFU against the bf16 matmul measured in the same run and
 against the data-sheet peak, peak memory, and for compiled variants the compile time (the first
@@ -196,18 +198,21 @@ def encoder(setup: Setup, variant: str) -> Callable[[torch.Tensor], torch.Tensor
             attention = FlexDocumentAttention(reuse_per_batch=True)
         return lambda video: video_feature(fast_forward(model, video, attention=attention))
     if variant not in setup.compiled:
-        setup.compiled[variant] = build_compiled(model, variant)
+        setup.compiled[variant] = build_compiled(model, variant, getattr(setup.ctx, "compile_mode", None))
     return setup.compiled[variant]
 
 
-def build_compiled(model, variant: str) -> Callable[[torch.Tensor], torch.Tensor]:
+def build_compiled(model, variant: str, mode: Optional[str] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``mode``: ``torch.compile``'s mode for the fast path and both compiled baselines alike (a
+    fair comparison compiles them the same way); the CUDA-graphs variant keeps "reduce-overhead"."""
+    options = {"mode": mode} if mode else {}
     if variant in ("fast_compiled", "fast_compiled_cudagraphs", "padded_sdpa_compiled"):
         try:
             from stop_fast.model.compiled import compile_encoder
         except ImportError:
             raise Unavailable("this stop_fast has no stop_fast.model.compiled.compile_encoder") from None
     if variant == "fast_compiled":
-        return compile_encoder(model, impl="fast")
+        return compile_encoder(model, impl="fast", **options)
     if variant == "fast_compiled_cudagraphs":
         return compile_encoder(model, impl="fast", static_shapes=True, mode="reduce-overhead")
     if variant == "openclip_compiled":
@@ -218,14 +223,14 @@ def build_compiled(model, variant: str) -> Callable[[torch.Tensor], torch.Tensor
             feats = clip.encode_image(video.flatten(0, 1)).float().unflatten(0, (b, t))
             return F.normalize(feats.mean(dim=1), dim=-1)
 
-        return torch.compile(plain_clip)
+        return torch.compile(plain_clip, **options)
     if variant == "padded_sdpa_compiled":
         from stop_fast.model import reference
 
         # the reference path, compiled the same way as the fast one, with its transformer swapped for
         # the SDPA one; patched around every call, so the compiled graph (which guards on that
         # global) always sees the same function
-        compiled = compile_encoder(model, impl="reference")
+        compiled = compile_encoder(model, impl="reference", **options)
 
         def padded(video):
             with mock.patch.object(reference, "run_transformer_padded", sdpa_transformer_padded):

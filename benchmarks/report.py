@@ -117,7 +117,9 @@ def header(data) -> List[str]:
         commit_i = (r.get("commit") or "unknown")[:12]
         lines.append(f"Run {i}: commit `{commit_i}`, {r.get('date', '')}, {r.get('device')}"
                      + (": " + ", ".join(parts) if parts else "")
-                     + ("; cuDNN autotuning on" if r.get("cudnn_benchmark") else "") + ".")
+                     + ("; cuDNN autotuning on" if r.get("cudnn_benchmark") else "")
+                     + (f"; torch.compile mode {r['compile_mode']}" if r.get("compile_mode", "default") != "default" else "")
+                     + ".")
     return lines
 
 

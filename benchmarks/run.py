@@ -47,6 +47,7 @@ class Context:
         self.scaling_compiled = args.scaling_compiled
         self.compile_on_cpu = not args.no_compile_on_cpu
         self.profile = args.profile
+        self.compile_mode = args.compile_mode
         self.ceilings: Dict[str, Any] = {}
         self.compute_ceiling: Optional[float] = None
         self.cache: Dict[Any, Any] = {}
@@ -152,6 +153,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-cudnn-benchmark", action="store_true",
                         help="keep cuDNN's heuristic algorithm choice (default on CUDA: torch.backends.cudnn.benchmark "
                              "= True for every variant, the setting a user tuning a baseline would choose)")
+    parser.add_argument("--compile-mode", choices=("default", "max-autotune-no-cudagraphs"),
+                        help="torch.compile mode of the compiled fast path and of the compiled baselines alike "
+                             "(default: torch.compile's default). max-autotune-no-cudagraphs benchmarks GEMM "
+                             "templates with fused epilogues; its first calls take minutes")
     parser.add_argument("--budget-s", type=float, help="skip cases that would end after this many seconds")
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and exit")
@@ -187,7 +192,7 @@ def main(argv=None) -> int:
     start = time.perf_counter()
     results = load_existing(args.out) if args.append else {"runs": [], "cases": {}}
     run = {**common.provenance(device), "quick": args.quick, "batch": args.batch, "frames": args.frames,
-           "only": args.only, "budget_s": args.budget_s,
+           "only": args.only, "budget_s": args.budget_s, "compile_mode": args.compile_mode or "default",
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None}
     try:
         ctx.ceilings = common.ceilings(device, args.quick)
