@@ -182,6 +182,25 @@ def test_logsumexp_of_the_pytorch_implementation(monkeypatch):
     torch.testing.assert_close(out, varlen_attention_reference(q, k, v, cu))
 
 
+def test_pytorch_implementation_without_logsumexp_is_the_same_attention():
+    """Without ``return_lse`` the PyTorch implementation runs SDPA over the padded layout; with it, the
+    explicit softmax. Both against the per-sequence float64 reference, empty sequences included."""
+    cu = _cu([7, 0, 1, 20, 0], device="cpu")
+    q, k, v = (torch.randn(28, 2, 16, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    do = torch.randn(28, 2, 16, dtype=torch.float64)
+    fused, none = attention._attention_torch(q, k, v, cu, 20, 0.3, need_lse=False)
+    explicit, lse = attention._attention_torch(q, k, v, cu, 20, 0.3, need_lse=True)
+    assert none is None and lse.shape == (2, 28)
+    truth = varlen_attention_reference(q, k, v, cu, 0.3)
+    truth_grads = torch.autograd.grad(truth, (q, k, v), do)
+    for out in (fused, explicit):
+        torch.testing.assert_close(out, truth, rtol=1e-12, atol=1e-12)
+        grads = torch.autograd.grad(out, (q, k, v), do)
+        for g, t in zip(grads, truth_grads):
+            assert torch.isfinite(g).all()
+            torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
+
+
 def test_softmax_scale_is_keyword_only():
     """A port of flash_attn_varlen_qkvpacked_func(qkv, cu, L, 0.0) must not get scale 0 (uniform attention)."""
     cu = _cu([5, 5])
