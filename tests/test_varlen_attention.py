@@ -201,6 +201,18 @@ def test_pytorch_implementation_without_logsumexp_is_the_same_attention():
             torch.testing.assert_close(g, t, rtol=1e-12, atol=1e-12)
 
 
+def test_pytorch_implementation_keeps_an_understated_max_seqlen_inside_each_sequence(monkeypatch):
+    """check_inputs=False with max_seqlen below the longest sequence breaks the caller's promise; the
+    PyTorch implementation must still neither fail nor let one sequence see another's tokens."""
+    monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
+    cu = _cu([6, 5], device="cpu")
+    q, k, v = (torch.randn(11, 2, 16) for _ in range(3))
+    out = varlen_attention(q, k, v, cu, 3, check_inputs=False)
+    k2, v2 = k.clone(), v.clone()
+    k2[6:], v2[6:] = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    torch.testing.assert_close(varlen_attention(q, k2, v2, cu, 3, check_inputs=False)[:6], out[:6], rtol=0, atol=0)
+
+
 def test_softmax_scale_is_keyword_only():
     """A port of flash_attn_varlen_qkvpacked_func(qkv, cu, L, 0.0) must not get scale 0 (uniform attention)."""
     cu = _cu([5, 5])
