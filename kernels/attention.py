@@ -439,8 +439,8 @@ def _attention_torch(q, k, v, cu_seqlens, max_seqlen: int, scale: float, need_ls
     Differentiable by autograd and exact in float64; what runs where Triton cannot. Computes in
     ``promote_types(dtype, float32)`` whatever autocast says, as the kernels do. Returns the output
     in q's dtype and the (detached) logsumexp, (heads, total_tokens), or None without ``need_lse``:
-    then the padded attention is PyTorch's fused SDPA (on a CPU ~2x faster forward, ~1.5x forward and
-    backward than the explicit softmax, which is kept for the logsumexp)."""
+    then the padded attention is PyTorch's fused SDPA (on a CPU much faster, forward and backward, than
+    the explicit softmax, which is kept for the logsumexp)."""
     total, heads, head_dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     seq, pos = _token_positions(cu_seqlens, total)
