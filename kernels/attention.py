@@ -444,10 +444,11 @@ def _attention_torch(q, k, v, cu_seqlens, max_seqlen: int, scale: float, need_ls
     total, heads, head_dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     seq, pos = _token_positions(cu_seqlens, total)
+    # a position past max_seqlen (a broken check_inputs=False promise) is kept inside its sequence
+    pos = pos.clamp(max=max(max_seqlen - 1, 0))
     # each token's row in the padded (S * Lmax) layout: one index, so the scatter and the gather are
-    # index_copy / index_select (their backwards are each other, far cheaper than 2-D index_put's).
-    # A position past max_seqlen (a broken check_inputs=False promise) stays in its own sequence.
-    rows = seq * max_seqlen + pos.clamp(max=max(max_seqlen - 1, 0))
+    # index_copy / index_select (their backwards are each other, far cheaper than 2-D index_put's)
+    rows = seq * max_seqlen + pos
     acc = torch.promote_types(q.dtype, torch.float32)
 
     def padded(x):  # (total, H, d) -> (S, Lmax, H, d), zeros past each sequence's end

@@ -207,10 +207,14 @@ def test_pytorch_implementation_keeps_an_understated_max_seqlen_inside_each_sequ
     monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
     cu = _cu([6, 5], device="cpu")
     q, k, v = (torch.randn(11, 2, 16) for _ in range(3))
-    out = varlen_attention(q, k, v, cu, 3, check_inputs=False)
     k2, v2 = k.clone(), v.clone()
     k2[6:], v2[6:] = torch.randn(5, 2, 16), torch.randn(5, 2, 16)
+    out = varlen_attention(q, k, v, cu, 3, check_inputs=False)
     torch.testing.assert_close(varlen_attention(q, k2, v2, cu, 3, check_inputs=False)[:6], out[:6], rtol=0, atol=0)
+    out, lse = varlen_attention(q, k, v, cu, 3, check_inputs=False, return_lse=True)  # the explicit softmax
+    out2, lse2 = varlen_attention(q, k2, v2, cu, 3, check_inputs=False, return_lse=True)
+    torch.testing.assert_close(out2[:6], out[:6], rtol=0, atol=0)
+    torch.testing.assert_close(lse2[:, :6], lse[:, :6], rtol=0, atol=0)
 
 
 def test_softmax_scale_is_keyword_only():
