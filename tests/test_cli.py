@@ -183,6 +183,7 @@ def test_encode_saves_the_embedding(capsys, tmp_path):
 def scripted_weights(tmp_path_factory):
     import open_clip
 
+    import stop_fast.backbone  # noqa: F401 - registers the stop-tiny config with open_clip
     folder = tmp_path_factory.mktemp("weights")
     torch.manual_seed(5)
     with warnings.catch_warnings():

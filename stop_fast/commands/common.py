@@ -45,6 +45,7 @@ def resolve_device(name: str) -> str:
     except ValueError as exc:
         raise CLIError(str(exc)) from None
 
+
 def existing_file(path: str, flag: str) -> str:
     """Check a file argument before any model is built, naming the flag."""
     from ..cli import CLIError

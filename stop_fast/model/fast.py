@@ -325,8 +325,9 @@ FRAMES_PER_STEP = 48
 
 def bucket_rows(total: int, longest: int, frames: int) -> int:
     """The packed row count ``total`` of ``frames`` frames, rounded up to a multiple of ``m * longest``
-    with ``m = clamp(frames // FRAMES_PER_STEP, 1, BUCKET_SEQUENCES)``: at most ~(48 * rho / longest)
-    buckets over every possible total, whatever the batch size (at most ten at ViT-B/32, rho = 12)."""
+    with ``m = clamp(frames // FRAMES_PER_STEP, 1, BUCKET_SEQUENCES)``: about 48 rho / longest buckets
+    over every possible total up to 384 frames (at most ten at ViT-B/32, rho = 12), frames rho /
+    (8 longest) above, where the multiple stops growing."""
     multiple = min(max(frames // FRAMES_PER_STEP, 1), BUCKET_SEQUENCES) * longest
     return -(-total // multiple) * multiple
 

@@ -58,9 +58,9 @@ def conv3x3x3_as_matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     over the 27 offsets, zero outside the grid: on the zero-padded Y, one strided view whose offset
     axes also step through space, and one sum (no two elements of the view share memory, so its
     backward is a plain scatter; 27 slice-adds, or unfold + diagonal views, have far slower
-    backwards in eager mode). Same sums as the convolution, other order. Why: with O = 2 outputs cuDNN runs a 128x64-tile implicit GEMM, 98%
-    of it padding (0.6 ms forward and 1.2 ms weight gradient at ViT-B/32, B = 32, T = 12 on an H100,
-    for 3 GFLOP).
+    backwards in eager mode). Same sums as the convolution, other order. Why: with O = 2 outputs
+    cuDNN runs a 128x64-tile implicit GEMM, 98% of it padding (0.6 ms forward and 1.2 ms weight
+    gradient at ViT-B/32, B = 32, T = 12 on an H100, for 3 GFLOP).
     """
     b, t, gh, gw, c = x.shape
     o = weight.shape[0]
