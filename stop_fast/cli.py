@@ -13,6 +13,8 @@ import os
 import sys
 from typing import List, Optional
 
+from .commands.errors import CLIError
+
 # name -> (module under stop_fast.commands, one-line help); the order is the order of `--help`
 COMMANDS = {
     "encode": ("encode", "embed a video file or a generated clip and print the embedding"),
@@ -25,10 +27,6 @@ COMMANDS = {
     "visualize": ("visualize", "draw the patches, maps and prompt counts STOP computes for videos"),
     "convert-weights": ("convert_weights", "convert a CLIP weights file once to safetensors (tensors only, no code)"),
 }
-
-
-class CLIError(Exception):
-    """A mistake in what the user asked for; printed as one line naming the argument or file."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import argparse
 import os
 
+from .errors import CLIError
+
 
 def add_model_arguments(p: argparse.ArgumentParser, frames_default: int = 12) -> None:
     p.add_argument("--model", default="ViT-B-32", help="open_clip model name, or stop-tiny (default: %(default)s)")
@@ -37,7 +39,6 @@ def add_device_argument(p: argparse.ArgumentParser) -> None:
 
 def resolve_device(name: str) -> str:
     """``--device`` -> a torch device string, or a CLIError saying why it cannot be used."""
-    from ..cli import CLIError
     from ..devices import resolve_device as resolve
 
     try:
@@ -48,8 +49,6 @@ def resolve_device(name: str) -> str:
 
 def existing_file(path: str, flag: str) -> str:
     """Check a file argument before any model is built, naming the flag."""
-    from ..cli import CLIError
-
     if not os.path.exists(path):
         raise CLIError(f"{flag} {path}: no such file")
     if not os.path.isfile(path):
@@ -61,8 +60,6 @@ def existing_file(path: str, flag: str) -> str:
 
 def output_file(path: str, flag: str) -> str:
     """Check that ``path`` can be written (its folder exists and is writable), naming the flag."""
-    from ..cli import CLIError
-
     folder = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(folder):
         raise CLIError(f"{flag} {path}: the folder {folder} does not exist")
@@ -83,7 +80,6 @@ def check_memory(config, device: str) -> None:
     """
     import open_clip
 
-    from ..cli import CLIError
 
     vision = (open_clip.get_model_config(config.model_name) or {}).get("vision_cfg", {})
     width, patch, image = vision.get("width"), vision.get("patch_size"), vision.get("image_size")

@@ -12,6 +12,8 @@ import os
 
 from .common import existing_file, output_file
 
+from .errors import CLIError
+
 
 def add_arguments(p) -> None:
     p.add_argument("input", metavar="IN", help="weights file to convert (OpenAI .pt, open_clip checkpoint, ...)")
@@ -21,7 +23,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
 
     existing_file(args.input, "IN")
     output_file(args.output, "OUT")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from .common import add_device_argument, existing_file
 
+from .errors import CLIError
+
 
 def add_arguments(p) -> None:
     p.add_argument("--out", default="stop-fast-demo",
@@ -22,7 +24,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
 
     if args.weights:
         existing_file(args.weights, "--weights")

@@ -13,6 +13,8 @@ import os
 
 from .train import add_data_arguments, config_from_args, print_metrics
 
+from .errors import CLIError
+
 
 def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group(required=True)
@@ -26,7 +28,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
 
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise CLIError(f"--checkpoint {args.checkpoint}: no such file or folder")

@@ -13,6 +13,8 @@ import json
 import os
 from typing import List
 
+from .errors import CLIError
+
 
 def add_arguments(p) -> None:
     p.add_argument("videos", nargs="+", metavar="VIDEO", help="video files")
@@ -35,7 +37,6 @@ def add_arguments(p) -> None:
 
 
 def parse_classes(value: str) -> List[str]:
-    from ..cli import CLIError
 
     if os.path.isfile(value):
         with open(value, encoding="utf-8") as f:
@@ -54,7 +55,6 @@ def parse_classes(value: str) -> List[str]:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
     from .common import existing_file
 
     for v in args.videos:

@@ -17,6 +17,8 @@ from typing import Dict
 
 from ..train.config import DATASETS, DECODERS, IMPLS, PRECISIONS
 
+from .errors import CLIError
+
 # flag dest -> help; each dest is a TrainConfig field
 _DATA_FLAGS = {
     "train_list": "training annotations: a CSV / list file, or the folder of split files (default: under --video-root)",
@@ -83,7 +85,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def config_from_args(args, extra: Dict = None):
     """TrainConfig from --config and the flags (flags override); errors name the flag or the file."""
-    from ..cli import CLIError
     from ..train.config import TrainConfig, load_config
 
     fields = set(TrainConfig.__dataclass_fields__)

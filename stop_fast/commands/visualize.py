@@ -11,6 +11,8 @@ import os
 
 from .common import add_device_argument, existing_file, output_file, resolve_device
 
+from .errors import CLIError
+
 PROMPTS_FILE = "prompts.safetensors"  # the prompt weights inside a training-checkpoint folder
 
 
@@ -33,7 +35,6 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..cli import CLIError
 
     for video in args.videos:
         existing_file(video, "VIDEO")
@@ -86,7 +87,6 @@ def run(args) -> int:
 def resolve_checkpoint(path: str):
     """``--checkpoint`` -> (prompt weights file, the STOPConfig fields stored in it, the description of
     the backbone it was trained on, ``{}`` for files that do not record one)."""
-    from ..cli import CLIError
 
     if os.path.isdir(path):
         file = os.path.join(path, PROMPTS_FILE)
@@ -130,7 +130,6 @@ def _backbone_arguments(args, backbone: dict) -> dict:
     import warnings
 
     from ..backbone import load_clip
-    from ..cli import CLIError
 
     kwargs = {}
     if backbone.get("gelu") in ("quick", "erf"):
@@ -149,7 +148,6 @@ def _backbone_arguments(args, backbone: dict) -> dict:
 
 def _config(args, stored: dict):
     """The STOPConfig: the checkpoint's fields, the flags where no checkpoint says otherwise, T from --frames."""
-    from ..cli import CLIError
     from ..config import STOPConfig
 
     fields = dict(stored)
@@ -171,7 +169,6 @@ def _config(args, stored: dict):
 
 
 def _check_format(path: str) -> None:
-    from ..cli import CLIError
 
     from matplotlib.figure import Figure
 
