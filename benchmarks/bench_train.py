@@ -44,13 +44,15 @@ def peak_memory_gb(device: torch.device) -> float:
 
 def bench_step(args, impl: str, compile: bool, device: torch.device) -> dict:
     """The optimiser step on a resident batch (no loader)."""
+    from stop_fast import STOPConfig
     from stop_fast.train import TrainConfig, distributed
-    from stop_fast.train.loop import autocast_for, build_model, make_encoder, micro_step, optimiser_step
+    from stop_fast.train.loop import micro_step, optimiser_step
     from stop_fast.train.optim import build_optimizer, build_scheduler
+    from stop_fast.train.setup import autocast_for, build_model, make_encoder
     from stop_fast.train.tasks import RecognitionTask
 
-    config = TrainConfig(model=args.model, frames=args.frames, batch_size=args.batch, device=str(device),
-                         impl=impl, compile=compile).resolved(device.type == "cuda")
+    config = TrainConfig(stop=STOPConfig(model_name=args.model, num_frames=args.frames), batch_size=args.batch,
+                         device=str(device), impl=impl, compile=compile).resolved(device.type == "cuda")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         model = build_model(config, device)
@@ -124,8 +126,10 @@ def bench_with_loader(args, impl: str, compile: bool, device: torch.device, root
 
     out = tempfile.mkdtemp(prefix=f"bench-{impl}-", dir=root)
     steps = args.warmup + args.steps
-    config = TrainConfig(dataset="csv", video_root=root, model=args.model, frames=args.frames, batch_size=args.batch,
-                         epochs=1, workers=args.workers, decoder=args.decoder, device=str(device), impl=impl,
+    from stop_fast import STOPConfig
+
+    config = TrainConfig(dataset="csv", video_root=root, stop=STOPConfig(model_name=args.model, num_frames=args.frames),
+                         batch_size=args.batch, epochs=1, workers=args.workers, decoder=args.decoder, device=str(device), impl=impl,
                          compile=compile, log_every=args.log_every, eval_every=0, out=out, progress=False,
                          stop_after_steps=steps, keep_checkpoints=1)
     if device.type == "cuda":

@@ -16,7 +16,7 @@ first bytes, never from its name:
 
 What is safe: any file can be passed to ``load_clip`` / ``--weights`` without ``trust_torchscript``:
 the worst a malicious file can do is fail to load (or use memory in proportion to its size).
-Tensors must be floating point and free of NaN; weights must match the architecture key for key.
+Tensors must be floating point and finite; weights must match the architecture key for key.
 
 Getting real CLIP weights as a file, once (the one step that uses the network)::
 
@@ -76,7 +76,7 @@ def load_clip(
     *,
     device: Union[str, torch.device] = "cpu",
     quick_gelu: bool = True,
-    seed: Optional[int] = None,
+    seed: int = 0,
     trust_torchscript: bool = False,
     allow_download: bool = False,
     pretrained_tag: Optional[str] = None,
@@ -90,8 +90,9 @@ def load_clip(
         quick_gelu: OpenAI's CLIP weights were trained with QuickGELU (the default); False builds the
             MLPs with the exact (erf) GELU that most LAION checkpoints use. It overrides what the
             model's config says (``ViT-B-32-quickgelu`` with ``quick_gelu=False`` gets erf GELU).
-        seed: with random weights, the seed they are drawn from (reproducible; the global RNG is left
-            untouched). ``None`` draws from torch's global RNG.
+        seed: with random weights, the seed they are drawn from: every random backbone is seeded, so
+            two builds with the same seed are the same network, and prompt files record the seed
+            (a checked field, like a weights file's sha256). The global RNG is left untouched.
         trust_torchscript: read a TorchScript archive with ``torch.jit.load``, which RUNS CODE stored
             in the file. Without it, the archive's tensors are read without running anything.
         allow_download: the only way this function touches the network: with ``pretrained_tag`` (e.g.
@@ -104,8 +105,8 @@ def load_clip(
         )
     if not isinstance(quick_gelu, bool):
         raise ValueError(f"quick_gelu must be True or False, got {quick_gelu!r}")
-    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int) or seed < 0):
-        raise ValueError(f"seed must be a non-negative int or None, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     random_weights = weights is None and pretrained_tag is None
     # `quick_gelu` goes in as a model-config override (highest priority in open_clip), so it switches
     # QuickGELU off as well as on; open_clip's `force_quick_gelu` can only switch it on.
@@ -123,9 +124,8 @@ def load_clip(
             model = open_clip.create_model(model_name, pretrained=None, quick_gelu=quick_gelu)
         if weights is None:
             warnings.warn(
-                f"load_clip: {model_name} has RANDOM weights (no weights file given"
-                + (f", seed {seed}" if seed is not None else "")
-                + "); features are meaningless until you pass weights=<CLIP checkpoint>",
+                f"load_clip: {model_name} has RANDOM weights (no weights file given, seed {seed}); features are "
+                "meaningless until you pass weights=<CLIP checkpoint>",
                 stacklevel=2,
             )
         else:
@@ -243,12 +243,16 @@ def read_state_dict(path: PathLike, *, trust_torchscript: bool = False) -> Dict[
 
 
 def check_weights(state: Dict[str, torch.Tensor], path: PathLike) -> None:
-    """Refuse integer / boolean tensors and NaN values, naming the file and the first bad key."""
+    """Refuse integer / boolean tensors, NaN, and infinite values, naming the file and the first bad
+    key. Attention masks (``*attn_mask``, which TorchScript archives carry) may hold infinities: there
+    -inf is how a mask says "not attended"."""
     for key, value in state.items():
         if not value.is_floating_point():
             raise WeightsError(f"weights file {path}: {key} holds {value.dtype} values; CLIP weights are floating point")
         if torch.isnan(value).any():
             raise WeightsError(f"weights file {path}: {key} contains NaN")
+        if not key.endswith("attn_mask") and torch.isinf(value).any():
+            raise WeightsError(f"weights file {path}: {key} contains infinite values")
 
 
 def load_weights(model: nn.Module, path: PathLike, model_name: str = "", *, trust_torchscript: bool = False) -> None:

@@ -8,6 +8,10 @@ import math
 # moments, all fp32: 16 bytes each). 2**28 of them is 4 GiB of training state for one layer, about
 # 50x the default (512 * 12 * 768); past that a single GPU runs out of memory.
 MAX_INTER_OUTPUT_WEIGHTS = 2**28
+# The two implementations of SPEC.md's forward pass (``STOP.encode_video(impl=...)``).
+IMPLS = ("reference", "fast")
+# SPEC.md: OpenAI CLIP's trained (clamped) temperature, whatever the backbone file holds.
+LOGIT_SCALE = 100.0
 
 
 @dataclasses.dataclass

@@ -39,6 +39,7 @@ import time
 import warnings
 from typing import Callable, Dict, List, Optional
 
+from .io import write_json
 from .synthetic import MOTION_CLASSES, write_motion_dataset
 
 MODEL = "stop-tiny"
@@ -139,8 +140,7 @@ def run_demo(
     }
     curves = _plot_curves(rows, os.path.join(out, CURVES_FILE))
     summary["curves"] = curves
-    with open(os.path.join(out, RESULTS_FILE), "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+    write_json(os.path.join(out, RESULTS_FILE), summary)
     for line in format_table(summary):
         log(line)
     return summary
@@ -149,14 +149,15 @@ def run_demo(
 def _run_row(row: Row, settings: DemoSettings, train_csv: str, val_csv: str, data: str, out: str,
              weights: Optional[str], seed: int, device: str, workers: int, log: Callable[[str], None]) -> Dict:
     """One row of the table: a run of the ordinary training entry point (evaluation only when K = rho = 0)."""
+    from .config import STOPConfig
     from .train import TrainConfig, train
 
     run_dir = os.path.join(out, "runs", _slug(row.name))
     config = TrainConfig(
-        dataset="csv", train_list=train_csv, val_list=val_csv, video_root=data, model=MODEL, weights=weights,
-        frames=settings.frames, k=row.k, rho=row.rho, epochs=settings.epochs, batch_size=settings.batch_size,
-        lr=settings.lr, out=run_dir, decoder="pyav", workers=workers, flip=False, device=device, compile=False,
-        seed=seed,
+        dataset="csv", train_list=train_csv, val_list=val_csv, video_root=data, weights=weights,
+        stop=STOPConfig(model_name=MODEL, num_frames=settings.frames, k=row.k, rho=row.rho),
+        epochs=settings.epochs, batch_size=settings.batch_size, lr=settings.lr, out=run_dir, decoder="pyav",
+        workers=workers, flip=False, device=device, compile=False, seed=seed,
     )
     log(f"-- {row.name} (K = {row.k}, rho = {row.rho}): " + ("evaluation only" if row.k == row.rho == 0 else "training"))
     tick = time.perf_counter()

@@ -1,4 +1,6 @@
-"""The one atomic writer of the package: every file stop_fast writes is either the old one or the new one.
+"""Writing files: the one atomic writer of the package, and byte-stable safetensors.
+
+Every file stop_fast writes is either the old one or the new one.
 
 ``atomic_path(path)`` yields a temporary name in the same folder to write to; on success the file is
 flushed to disk (fsync), renamed over ``path`` and the folder fsynced, on error it is removed. Files
@@ -18,7 +20,7 @@ import re
 import secrets
 import socket
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Dict, Iterator, Union
 
 PathLike = Union[str, os.PathLike]
 
@@ -61,6 +63,23 @@ def write_atomic(path: PathLike, data: bytes) -> None:
 def write_json(path: PathLike, payload: Any) -> None:
     """``payload`` as indented JSON with sorted keys (equal contents, equal bytes), atomically."""
     write_atomic(path, (json.dumps(payload, indent=2, sort_keys=True, allow_nan=False) + "\n").encode("utf-8"))
+
+
+def safetensors_bytes(tensors: Dict[str, Any], metadata: Dict[str, str]) -> bytes:
+    """``safetensors.torch.save(tensors, metadata)`` with the metadata in sorted key order, so that
+    equal contents give equal bytes: safetensors serialises its metadata from a hash map, whose
+    order changes from call to call. The header keeps its length (the same keys and values,
+    reordered), so every tensor offset stays valid."""
+    from safetensors.torch import save
+
+    data = save(tensors, metadata=metadata)
+    length = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + length])
+    ordered = {"__metadata__": dict(sorted(header.pop("__metadata__", {}).items())), **header}
+    text = json.dumps(ordered, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if len(text) > length:  # cannot happen for safetensors' own compact JSON; never write a broken file
+        raise RuntimeError("safetensors_bytes: the reordered header does not fit the original's length")
+    return data[:8] + text.ljust(length, b" ") + data[8 + length :]
 
 
 def remove_stale_temporaries(folder: PathLike) -> None:

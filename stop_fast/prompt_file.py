@@ -17,23 +17,25 @@ with a warning. Every unreadable file (missing, truncated, not safetensors, meta
 JSON object, integer or boolean tensors, NaN or infinite values, tensors of the wrong names or shapes)
 raises :class:`PromptFileError` too, with or without ``force``.
 
-Files are written atomically: a temporary file in the same folder (created with the user's umask),
-fsynced, then renamed over the target, and the folder fsynced; an error removes the temporary file,
-and temporary files left by a killed process are removed by the next save to the same path.
+Files are written by :func:`stop_fast.io.write_atomic` (old file or complete new one, the user's
+umask, temporaries of killed saves removed by the next save into the folder), and equal contents
+give equal bytes (:func:`stop_fast.io.safetensors_bytes`).
+
+:func:`read_prompt_file` is the one reader of prompt files and their metadata: everything that
+needs a file's STOPConfig or backbone (evaluation, prediction, visualisation, resuming) goes
+through it.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
 import json
 import os
-import secrets
 import warnings
-from pathlib import Path
 from typing import Dict, Optional, Union
 
 import torch
+
+from .io import safetensors_bytes, write_atomic
 
 PathLike = Union[str, os.PathLike]
 
@@ -41,8 +43,7 @@ FORMAT = "stop_fast.prompts"
 VERSION = "1"
 # STOPConfig fields that may differ between saving and loading: STOP's function does not depend on
 # the number of frames, and slot_init_std only sets the initial value of a trained parameter.
-_FREE_CONFIG_FIELDS = ("num_frames", "slot_init_std")
-_TMP_SUFFIX = ".tmp"
+FREE_CONFIG_FIELDS = ("num_frames", "slot_init_std")
 
 
 class PromptFileError(ValueError):
@@ -62,8 +63,6 @@ class PromptFile:
 # ------------------------------------------------------------------------------------------------ save
 def save_prompts(model, path: PathLike) -> None:
     """Write ``model``'s trainable weights, its config and its backbone's description to ``path``."""
-    from safetensors.torch import save
-
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.trainable_state_dict().items()}
     source = backbone_description(model.clip, model.config.model_name)
     if source.get("weights"):
@@ -71,73 +70,10 @@ def save_prompts(model, path: PathLike) -> None:
     metadata = {
         "format": FORMAT,
         "version": VERSION,
-        "stop_config": json.dumps(model.config.to_dict()),
-        "backbone": json.dumps(source),
+        "stop_config": json.dumps(model.config.to_dict(), sort_keys=True),
+        "backbone": json.dumps(source, sort_keys=True),
     }
-    write_atomic(path, save(tensors, metadata=metadata))
-
-
-def write_atomic(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one."""
-    path = Path(path)
-    folder = path.parent
-    if not folder.is_dir():
-        raise FileNotFoundError(f"cannot write {path}: the folder {folder} does not exist")
-    if path.is_dir():
-        raise IsADirectoryError(f"cannot write {path}: it is a folder")
-    _remove_stale_temporaries(path)
-    tmp = folder / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{_TMP_SUFFIX}"
-    # O_EXCL: never follow or reuse someone else's file; mode 0o666 lets the umask decide, as for open().
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_folder(folder)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Remove temporary files of ``path`` whose writing process no longer runs (killed mid-save)."""
-    prefix = f".{path.name}."
-    for entry in path.parent.glob(f".{glob.escape(path.name)}.*{_TMP_SUFFIX}"):
-        middle = entry.name[len(prefix):-len(_TMP_SUFFIX)]
-        pid, _, token = middle.partition(".")
-        if not (pid.isdigit() and len(token) == 8) or _process_alive(int(pid)):
-            continue
-        with contextlib.suppress(OSError):
-            entry.unlink()
-
-
-def _process_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True  # exists (another user's), or cannot tell: leave its file alone
-    return True
-
-
-def _fsync_folder(folder: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where folders cannot be opened."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    write_atomic(path, safetensors_bytes(tensors, metadata))
 
 
 # ------------------------------------------------------------------------------------------------ load
@@ -231,7 +167,7 @@ def _mismatches(prompts: PromptFile, model) -> list:
     out = []
     ours = model.config.to_dict()
     for field in sorted(set(prompts.config) | set(ours)):
-        if field in _FREE_CONFIG_FIELDS:
+        if field in FREE_CONFIG_FIELDS:
             continue
         if field not in ours:
             out.append(f"config field {field!r} is unknown here (saved {prompts.config[field]!r})")

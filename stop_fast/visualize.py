@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import inspect
 import math
 import textwrap
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
@@ -75,13 +74,7 @@ def explain_clip(model, clip, impl: str = "reference") -> Dict[str, np.ndarray]:
 
     device = next(model.parameters()).device
     video = clip[None].to(device=device, dtype=torch.float32)
-    # Older STOP.explain had no `impl` and always ran the reference path; this is the one place that knows.
-    if "impl" in inspect.signature(model.explain).parameters:
-        details = model.explain(video, impl=impl)
-    elif impl == "reference":
-        details = model.explain(video)
-    else:
-        raise ValueError(f"impl {impl!r}: this STOP.explain has only the reference path")
+    details = model.explain(video, impl=impl)
     return {key: value[0].detach().float().cpu().numpy() if value.is_floating_point() else value[0].cpu().numpy()
             for key, value in details.items()}
 

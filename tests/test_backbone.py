@@ -1,6 +1,7 @@
 """load_clip: random weights with a warning, every supported weights file, clear errors, no network,
 and weights files that cannot run code."""
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -236,17 +237,17 @@ def test_format_comes_from_the_content_not_the_name(tmp_path):
         assert _same_weights(source, load_clip("stop-tiny", path)), path
 
 
-@pytest.mark.parametrize("poison", ["int", "bool", "nan"])
-def test_integer_boolean_or_nan_weights_are_refused(tmp_path, poison):
+@pytest.mark.parametrize("poison", ["int", "bool", "nan", "inf"])
+def test_integer_boolean_nan_or_infinite_weights_are_refused(tmp_path, poison):
     state = {k: v.clone() for k, v in _random_clip(seed=3).state_dict().items()}
     key = "visual.conv1.weight"
-    if poison == "nan":
-        state[key][0, 0, 0, 0] = float("nan")
+    if poison in ("nan", "inf"):
+        state[key][0, 0, 0, 0] = float(poison)
     else:
         state[key] = state[key].to(torch.int32 if poison == "int" else torch.bool)
     path = tmp_path / "poisoned.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(path))
-    with pytest.raises(WeightsError, match=r"poisoned\.safetensors: visual\.conv1\.weight (holds|contains NaN)"):
+    with pytest.raises(WeightsError, match=r"poisoned\.safetensors: visual\.conv1\.weight (holds|contains NaN|contains inf)"):
         load_clip("stop-tiny", path)
 
 
@@ -280,6 +281,28 @@ def test_seeded_random_weights_are_reproducible_and_leave_the_global_rng_alone()
                                   "sha256": None, "random_seed": 7}
     with pytest.raises(ValueError, match="seed"):
         load_clip("stop-tiny", seed=-1)
+
+
+def test_random_weights_are_always_seeded(capsys):
+    """Without a seed a random backbone is seed 0's, whatever the global RNG holds: two builds, two
+    `encode` runs and a prompt file that records the seed all agree."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.manual_seed(1)
+        a = load_clip("stop-tiny")
+        torch.manual_seed(2)
+        b = load_clip("stop-tiny")
+    assert _same_weights(a, b) and a.stop_fast_source["random_seed"] == 0
+    from stop_fast.cli import main
+
+    heads = []
+    for global_seed in (1, 2):
+        torch.manual_seed(global_seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            assert main(["encode", "--model", "stop-tiny", "--frames", "3", "--device", "cpu"]) == 0
+        heads.append(json.loads(capsys.readouterr().out)["embedding_head"])
+    assert heads[0] == heads[1]
 
 
 def test_source_records_the_weights_file_and_its_sha256(tmp_path):

@@ -87,7 +87,7 @@ def test_help_and_argument_errors_are_instant_and_import_no_torch():
     (["info", *TINY, "--frames", "0"], ["num_frames must be >= 1"]),
     (["info", *TINY, "--k", "-1"], ["k must be >= 0"]),
     (["encode", *TINY, "--weights", "missing.pt"], ["--weights missing.pt: no such file"]),
-    (["encode", *TINY, "--prompts", "missing.safetensors"], ["--prompts missing.safetensors: no such file"]),
+    (["encode", *TINY, "--checkpoint", "missing.safetensors"], ["--checkpoint missing.safetensors: no such file"]),
     (["encode", *TINY, "--video", "missing.mp4"], ["--video missing.mp4: no such file"]),
     (["encode", *TINY, "--out", "no/such/folder/e.pt"], ["--out no/such/folder/e.pt: the folder", "does not exist"]),
 ])
@@ -143,15 +143,15 @@ def test_encode_runs_one_forward_and_reports_its_counts(capsys, monkeypatch, imp
     from stop_fast.commands import encode
 
     built, forwards = [], []
-    real_build = encode.build_model
+    real_build = encode.model_from_args
 
     def build_and_count(args):
-        model = real_build(args)
+        model, config = real_build(args)
         model.clip.visual.ln_post.register_forward_hook(lambda *a: forwards.append(1))  # once per forward, both paths
         built.append(model)
-        return model
+        return model, config
 
-    monkeypatch.setattr(encode, "build_model", build_and_count)
+    monkeypatch.setattr(encode, "model_from_args", build_and_count)
     code, out, _ = run_cli(capsys, "encode", *TINY, "--impl", impl, "--device", "cpu")
     assert code == 0
     report = json.loads(out)
@@ -161,9 +161,10 @@ def test_encode_runs_one_forward_and_reports_its_counts(capsys, monkeypatch, imp
 
     video = moving_square(4, model.image_size, generator=torch.Generator().manual_seed(0))[None]
     forwards.clear()
-    details, ran = encode.explain(model, video, impl)
+    with torch.no_grad():
+        details = model.explain(video, impl=impl)
     assert per_run == len(forwards) > 0  # encode's whole run = one explain, no second forward
-    assert report["impl"] == ran
+    assert report["impl"] == impl
     assert report["temporal_tokens_per_frame"] == details["counts"][0].tolist()
     assert report["embedding_head"] == [round(float(x), 5) for x in details["feature"][0, :8]]
 

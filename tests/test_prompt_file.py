@@ -15,7 +15,7 @@ from stop_fast.prompt_file import PromptFileError, read_prompt_file
 from helpers import make_stop, random_video
 
 
-def _stop(seed=None, quick_gelu=True, randomize=False, **config):
+def _stop(seed=0, quick_gelu=True, randomize=False, **config):
     """STOP over a fresh stop-tiny backbone with seeded random weights (the source prompt files record)."""
     config.setdefault("num_frames", 4)
     with warnings.catch_warnings():
@@ -204,22 +204,40 @@ def test_failed_save_keeps_the_old_file_and_leaves_no_temporary(saved, tmp_path,
 
 
 def test_save_respects_the_umask_and_clears_temporaries_of_killed_saves(saved, tmp_path):
+    """A save killed mid-write (kill -9) leaves its temporary; the next save into the folder removes
+    it, and leaves alone the temporary of a save still running in another process."""
     model, _ = saved
     target = tmp_path / "p.safetensors"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    dead_pid = int(dead.stdout)
-    stale = tmp_path / f".p.safetensors.{dead_pid}.0123abcd.tmp"  # what a save killed mid-write leaves
-    stale.write_bytes(b"partial")
-    live = tmp_path / f".p.safetensors.{os.getppid()}.0123abcd.tmp"  # a save still running elsewhere
-    live.write_bytes(b"partial")
-    old = os.umask(0o027)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=repo)
+    writer = ("import os, sys, time; from stop_fast.io import atomic_path\n"
+              f"with atomic_path({str(target)!r}) as tmp:\n"
+              "    open(tmp, 'wb').write(b'partial'); print(tmp, flush=True)\n"
+              "    os._exit(9) if sys.argv[1] == 'kill' else time.sleep(600)\n")
+    running = subprocess.Popen([sys.executable, "-c", writer, "run"], stdout=subprocess.PIPE, text=True, env=env)
     try:
-        model.save_prompts(target)
+        live = running.stdout.readline().strip()
+        killed = subprocess.run([sys.executable, "-c", writer, "kill"], capture_output=True, text=True, env=env)
+        stale = killed.stdout.strip()
+        assert os.path.exists(stale) and os.path.exists(live)
+        old = os.umask(0o027)
+        try:
+            model.save_prompts(target)
+        finally:
+            os.umask(old)
+        assert _siblings(tmp_path) == sorted([os.path.basename(live), "p.safetensors"])
     finally:
-        os.umask(old)
-    assert _siblings(tmp_path) == sorted([live.name, "p.safetensors"])
+        running.kill()
+        running.wait()
     assert (target.stat().st_mode & 0o777) == 0o640
     read_prompt_file(target)
+
+
+def test_equal_prompts_give_equal_bytes(saved, tmp_path):
+    model, path = saved
+    for i in range(5):  # safetensors orders its metadata differently from call to call
+        model.save_prompts(tmp_path / f"{i}.safetensors")
+        assert (tmp_path / f"{i}.safetensors").read_bytes() == path.read_bytes()
 
 
 def test_save_into_a_missing_folder_is_a_clear_error(saved, tmp_path):

@@ -103,7 +103,7 @@ def _mismatched_prompts(tmp_path):
     (lambda t, r: ["train", *data_flags(r), "--model", "stop-tiny", "--batch-size", "100", "--out", str(t / "o")],
      "fewer than one batch"),
     (lambda t, r: ["eval", "--checkpoint", str(t / "none"), *data_flags(r)], "--checkpoint"),
-    (lambda t, r: ["eval", "--checkpoint", _corrupt_prompts(t), *data_flags(r)], "not a readable prompts file"),
+    (lambda t, r: ["eval", "--checkpoint", _corrupt_prompts(t), *data_flags(r)], "not a readable safetensors file"),
     (lambda t, r: ["eval", "--checkpoint", _mismatched_prompts(t), *data_flags(r)], "other.safetensors"),
     (lambda t, r: ["predict", os.path.join(r, "videos", "right_0.mp4"), "--zero-shot", "--classes", "one"], "at least two"),
     (lambda t, r: ["predict", str(t / "no.mp4"), "--zero-shot", "--text", "x"], "no.mp4"),
@@ -125,14 +125,14 @@ def test_user_mistakes_are_one_line(make_args, message, trained, capsys, tmp_pat
 def test_config_file_and_flags(tmp_path, capsys):
     root = make_dataset(str(tmp_path / "d"), per_class=1, classes=2)
     cfg = tmp_path / "run.toml"
-    cfg.write_text(f'dataset = "csv"\nvideo_root = "{root}"\nmodel = "stop-tiny"\nframes = 3\nbatch_size = 2\n'
-                   f'epochs = 1\nworkers = 0\nk = 0\nrho = 0\nout = "{tmp_path / "from-file"}"\n')
+    cfg.write_text(f'dataset = "csv"\nvideo_root = "{root}"\nbatch_size = 2\nepochs = 1\nworkers = 0\n'
+                   f'out = "{tmp_path / "from-file"}"\n[stop]\nmodel_name = "stop-tiny"\nnum_frames = 3\nk = 0\nrho = 0\n')
     code, _, _ = run_cli(capsys, "train", "--config", str(cfg), "--out", str(tmp_path / "from-flag"), "--no-progress")
     assert code == 0
     assert (tmp_path / "from-flag" / "config.json").is_file() and not (tmp_path / "from-file").exists()
     with open(tmp_path / "from-flag" / "config.json") as f:
         used = json.load(f)
-    assert used["k"] == 0 and used["frames"] == 3 and used["model"] == "stop-tiny"
+    assert used["stop"]["k"] == 0 and used["stop"]["num_frames"] == 3 and used["stop"]["model_name"] == "stop-tiny"
     cfg.write_text('dataset = "csv"\nbatch_szie = 2\n')
     code, _, err = run_cli(capsys, "train", "--config", str(cfg))
     assert code == 2 and "batch_szie" in err and str(cfg) in err

@@ -25,9 +25,10 @@ from stop_fast.train.records import read_metrics
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tiny(root, out, **kw) -> TrainConfig:
-    values = dict(dataset="csv", video_root=str(root), model="stop-tiny", frames=3, batch_size=4, epochs=1,
-                  workers=0, out=str(out), log_every=1, eval_every=0, progress=False, warmup=0.0)
+def tiny(root, out, frames=3, k=6, rho=12, **kw) -> TrainConfig:
+    values = dict(dataset="csv", video_root=str(root), batch_size=4, epochs=1, workers=0, out=str(out), log_every=1,
+                  eval_every=0, progress=False, warmup=0.0,
+                  stop={"model_name": "stop-tiny", "num_frames": frames, "k": k, "rho": rho})
     values.update(kw)
     return TrainConfig(**values)
 
@@ -114,11 +115,12 @@ def test_k0_rho0_only_evaluates_and_logs(recognition_set, tmp_path):
 
 def test_zero_shot_features_are_clips_mean_pooled_features(recognition_set):
     from stop_fast.train import distributed
-    from stop_fast.train.loop import build_datasets, build_loader, build_model, encode_loader, make_encoder
+    from stop_fast.train.evaluation import encode_loader
+    from stop_fast.train.setup import build_datasets, build_loader, build_model, make_encoder
 
     cpu = torch.device("cpu")
-    config = tiny(recognition_set, "unused").resolved(False)
-    model = build_model(config, cpu, k=0, rho=0)
+    config = tiny(recognition_set, "unused", k=0, rho=0).resolved(False)
+    model = build_model(config, cpu)
     _, val = build_datasets(config, need_train=False)
     loader = build_loader(config, val, "eval", distributed.Dist(), cpu, model.image_size, 3)
     loader.set_epoch(0)
@@ -169,7 +171,7 @@ def test_sigterm_saves_a_loadable_checkpoint(recognition_set, tmp_path):
     path = ckpt.latest(str(out / "checkpoints"))
     state = ckpt.load(path)
     assert state["step"] >= 1 and "optimizer" in state and "rng" in state
-    from stop_fast.train.loop import build_model
+    from stop_fast.train.setup import build_model
 
     model = build_model(tiny(recognition_set, out).resolved(False), torch.device("cpu"))
     model.load_prompts(state["prompts_path"])

@@ -102,14 +102,20 @@ def test_warmup_then_cosine():
 def test_defaults_are_specs():
     c = TrainConfig()
     assert (c.lr, c.betas, c.eps, c.weight_decay, c.warmup, c.grad_clip) == (1e-3, (0.9, 0.98), 1e-6, 0.2, 0.1, 1.0)
-    assert (c.epochs, c.batch_size, c.frames, c.k, c.rho, c.alpha, c.beta) == (5, 128, 12, 6, 12, 0.4, 4.0)
+    assert (c.epochs, c.batch_size, c.stop.num_frames, c.stop.k, c.stop.rho, c.stop.alpha, c.stop.beta) == \
+        (5, 128, 12, 6, 12, 0.4, 4.0)
 
 
 @pytest.mark.parametrize("field, value", [
     ("lr", 0.0), ("batch_size", 0), ("warmup", 1.0), ("decoder", "ffmpeg"), ("eval_crops", 2), ("betas", (0.9,)),
-    ("dataset", "imagenet"), ("precision", "fp16"), ("flip", "yes"), ("frames", 2.5), ("accumulation", 0),
+    ("dataset", "imagenet"), ("precision", "fp16"), ("flip", "yes"), ("accumulation", 0), ("gelu", "tanh"),
+    ("stop.num_frames", 2.5), ("stop.rho", -1),
 ])
 def test_bad_settings_name_the_field(field, value):
+    if field.startswith("stop."):
+        with pytest.raises(ValueError, match=f"^stop: {field[5:]} "):
+            TrainConfig(stop={field[5:]: value})
+        return
     with pytest.raises(ValueError, match=f"^{field} "):
         TrainConfig(**{field: value})
 
@@ -130,6 +136,20 @@ def test_toml_files_and_overrides(tmp_path):
         load_config(str(path))
 
 
+def test_the_model_is_a_stop_table_and_flat_model_keys_of_old_files_still_read(tmp_path):
+    path = tmp_path / "run.toml"
+    path.write_text('dataset = "csv"\nepochs = 3\n[stop]\nmodel_name = "stop-tiny"\nk = 2\n')
+    c = load_config(str(path), stop={"rho": 4, "k": None})
+    assert (c.stop.model_name, c.stop.k, c.stop.rho, c.epochs) == ("stop-tiny", 2, 4, 3)
+    path.write_text('dataset = "csv"\nmodel = "stop-tiny"\nframes = 5\nk = 2\n')  # stop_fast 0.1.0's keys
+    with pytest.warns(UserWarning, match="model, frames, k are read as \\[stop\\] settings"):
+        c = load_config(str(path))
+    assert (c.stop.model_name, c.stop.num_frames, c.stop.k) == ("stop-tiny", 5, 2)
+    path.write_text('[stop]\nkay = 2\n')
+    with pytest.raises(ValueError, match="run.toml: stop: unknown STOPConfig field.*kay"):
+        load_config(str(path))
+
+
 def test_config_files_hold_the_papers_settings():
     names = sorted(os.path.basename(p)[:-5] for p in glob.glob(os.path.join(CONFIGS, "*.toml")))
     assert names == sorted(d for d in DATASETS if d != "csv")
@@ -138,9 +158,9 @@ def test_config_files_hold_the_papers_settings():
         assert c.dataset == name
         assert (c.lr, c.betas, c.eps, c.weight_decay, c.warmup, c.grad_clip, c.epochs, c.batch_size) == \
                (1e-3, (0.9, 0.98), 1e-6, 0.2, 0.1, 1.0, 5, 128)
-        assert (c.model, c.k, c.rho, c.alpha, c.beta) == ("ViT-B-32", 6, 12, 0.4, 4.0)
+        assert (c.stop.model_name, c.stop.k, c.stop.rho, c.stop.alpha, c.stop.beta) == ("ViT-B-32", 6, 12, 0.4, 4.0)
         assert c.use_flip == (name in ("ucf101", "hmdb51", "kinetics400"))
-        assert c.frames == (64 if name in ("didemo", "activitynet") else 12)
+        assert c.stop.num_frames == (64 if name in ("didemo", "activitynet") else 12)
         if c.dataset_default("task") == "retrieval":
             assert c.text_tokens == (32 if name in ("msrvtt", "vatex") else 64)
     assert read_toml(os.path.join(CONFIGS, "didemo.toml"))["grad_checkpointing"] is True
@@ -212,7 +232,8 @@ def test_one_optimiser_step_changes_only_trainable_parameters():
     from helpers import make_stop
 
     from stop_fast.train import distributed
-    from stop_fast.train.loop import autocast_for, micro_step, optimiser_step
+    from stop_fast.train.loop import micro_step, optimiser_step
+    from stop_fast.train.setup import autocast_for
     from stop_fast.train.tasks import RecognitionTask
 
     model = make_stop("stop-tiny", num_frames=3)
@@ -247,7 +268,7 @@ def test_encode_loader_averages_views_and_restores_dataset_order():
     import contextlib
 
     from stop_fast.train import distributed
-    from stop_fast.train.loop import encode_loader
+    from stop_fast.train.evaluation import encode_loader
 
     gen = torch.Generator().manual_seed(0)
     views, size = 3, 5

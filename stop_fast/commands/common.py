@@ -1,9 +1,10 @@
-"""Arguments and helpers shared by the subcommands (standard library only at import time).
+"""Arguments and checks shared by the subcommands (standard library only at import time).
 
-Every command that builds a model goes through :func:`build_model`, which checks what the user named
-in this order, so that a mistake is one line before anything slow happens: files exist (``--weights``,
-``--prompts``), the prompt file is readable, ``--device`` names a usable device, the configuration is
-valid and fits in memory; only then the backbone is built and the prompts loaded.
+Every command that builds a model goes through :func:`model_from_args`, which checks what the user
+named in this order, so that a mistake is one line before anything slow happens: files exist
+(``--weights``, ``--prompts``), ``--device`` names a usable device, the configuration is valid and
+fits in memory; then ``stop_fast.train.setup.model_from_checkpoint`` reads the checkpoint's prompt
+file (an unreadable one fails before any model exists), builds the backbone and loads the prompts.
 """
 from __future__ import annotations
 
@@ -13,24 +14,33 @@ import os
 from .errors import CLIError
 
 
-def add_model_arguments(p: argparse.ArgumentParser, frames_default: int = 12) -> None:
-    p.add_argument("--model", default="ViT-B-32", help="open_clip model name, or stop-tiny (default: %(default)s)")
+def add_model_arguments(p: argparse.ArgumentParser) -> None:
+    """The model flags of commands without a dataset. Every default is None: a flag left out takes the
+    checkpoint's value, else STOP's default (SPEC.md); a flag that contradicts the checkpoint is the
+    prompt file's mismatch error, naming the field (``--force`` loads anyway)."""
+    p.add_argument("--model", help="open_clip model name, or stop-tiny (default: the prompts', else ViT-B-32)")
     p.add_argument("--weights", help="local CLIP weights file (OpenAI .pt, open_clip checkpoint, .safetensors); "
-                   "omitted: random weights, with a warning")
-    p.add_argument("--gelu", choices=["quick", "erf"], default="quick",
+                   "omitted: random weights (seed 0, or the prompts'), with a warning")
+    p.add_argument("--gelu", choices=["quick", "erf"],
                    help="activation the weights were trained with: quick (QuickGELU: OpenAI's CLIP, the default) "
                    "or erf (nn.GELU: most LAION / open_clip-trained checkpoints)")
     p.add_argument("--trust-weights", action="store_true",
                    help="load a TorchScript --weights archive with torch.jit.load, which RUNS CODE stored in the "
                    "file; only for files you trust (without it, the archive's tensors are read without running it)")
-    p.add_argument("--prompts", help="trained STOP prompt weights (.safetensors written by stop-fast)")
+    p.add_argument("--checkpoint", "--prompts", dest="checkpoint",
+                   help="trained prompts: a run folder, a training checkpoint .pt or a prompt .safetensors file; "
+                   "omitted: untrained prompters")
     p.add_argument("--force", action="store_true",
-                   help="load --prompts even if they were saved for another backbone or config (with a warning)")
-    p.add_argument("--frames", type=int, default=frames_default, help="frames per clip, T (default: %(default)s)")
-    p.add_argument("--k", type=int, default=6, help="intra-frame prompts per frame, 0 switches them off")
-    p.add_argument("--rho", type=int, default=12, help="most inter-frame prompt tokens per frame, 0 switches them off")
+                   help="load --checkpoint even if it was saved for another backbone or config (with a warning)")
+    p.add_argument("--seed", type=int,
+                   help="seed of random weights: the backbone without --weights, untrained prompters (default: the "
+                   "checkpoint's, else 0)")
+    p.add_argument("--frames", type=int, help="frames per clip, T (default 12)")
+    p.add_argument("--k", type=int, help="intra-frame prompts per frame, 0 switches them off (default 6)")
+    p.add_argument("--rho", type=int, help="most inter-frame prompt tokens per frame, 0 switches them off (default 12)")
     add_device_argument(p)
-    p.add_argument("--impl", choices=["reference", "fast"], default="reference")
+    p.add_argument("--impl", choices=["reference", "fast"], default="reference",
+                   help="model path (default: %(default)s)")
 
 
 def add_device_argument(p: argparse.ArgumentParser) -> None:
@@ -70,8 +80,29 @@ def output_file(path: str, flag: str) -> str:
     return path
 
 
+def stop_settings(args) -> dict:
+    """STOPConfig fields the user set with model flags (``--model``, ``--frames``, ``--k``, ...)."""
+    from ..train.config import FLAT_MODEL_KEYS
+
+    values = vars(args)
+    return {field: values[flag] for flag, field in FLAT_MODEL_KEYS.items() if values.get(flag) is not None}
+
+
+def flag_message(message: str, given) -> str:
+    """A config error ('k must be >= 0', 'stop: num_frames must be ...') prefixed with the flag that set
+    the field, when one did (``given``: the fields the flags set): '--frames: num_frames must be ...'."""
+    from ..train.config import FLAT_MODEL_KEYS
+
+    body = message[len("stop: "):] if message.startswith("stop: ") else message
+    field = body.split(" ", 1)[0]
+    if field not in given:
+        return message
+    flag = {f: name for name, f in FLAT_MODEL_KEYS.items()}.get(field, field)
+    return f"--{flag.replace('_', '-')}: {body}"
+
+
 def check_memory(config, device: str) -> None:
-    """Refuse, before anything is allocated, a configuration that cannot fit in ``device``'s memory.
+    """Refuse, before anything is allocated, a STOPConfig that cannot fit in ``device``'s memory.
 
     Counts the inter-frame prompter's weights (``r_inter x rho x D``, the part that grows with
     ``--rho``) and one layer's attention scores over one clip (``T x heads x L^2`` with
@@ -79,7 +110,6 @@ def check_memory(config, device: str) -> None:
     allocator traceback.
     """
     import open_clip
-
 
     vision = (open_clip.get_model_config(config.model_name) or {}).get("vision_cfg", {})
     width, patch, image = vision.get("width"), vision.get("patch_size"), vision.get("image_size")
@@ -117,33 +147,36 @@ def _memory_bytes(device: str) -> int:
         return 0
 
 
-def build_model(args):
-    """STOP from the model arguments: paths and the prompt file checked first, then the device and the
-    configuration, then the backbone is built and the prompts loaded."""
+def model_from_args(args, *, quiet_random_weights: bool = False):
+    """``(model, TrainConfig)`` from the model flags (:func:`add_model_arguments`): paths and the
+    device checked first, then the configuration, then ``model_from_checkpoint`` (``--checkpoint``)."""
     import warnings
 
     if args.weights:
         existing_file(args.weights, "--weights")
-    if getattr(args, "prompts", None):
-        existing_file(args.prompts, "--prompts")
-
-    from .. import STOPConfig, build_stop
-    from ..prompt_file import load_prompts, read_prompt_file
-
-    prompts = None
-    if getattr(args, "prompts", None):
-        prompts = read_prompt_file(args.prompts)  # an unreadable file fails here, before any model exists
+    if args.checkpoint and not os.path.exists(args.checkpoint):
+        raise CLIError(f"--checkpoint {args.checkpoint}: no such file or folder")
+    if args.seed is not None and args.seed < 0:
+        raise CLIError(f"--seed must be >= 0, got {args.seed}")
     device = resolve_device(args.device)
-    config = STOPConfig(model_name=args.model, num_frames=args.frames, k=args.k, rho=args.rho)
-    check_memory(config, device)
+
+    import torch
+
+    from ..config import STOPConfig
+    from ..train.config import TrainConfig
+    from ..train.setup import model_from_checkpoint
+
+    explicit = stop_settings(args)
+    try:
+        stop = STOPConfig(**explicit)
+    except ValueError as exc:
+        raise CLIError(flag_message(str(exc), explicit)) from None
+    config = TrainConfig(stop=stop, weights=args.weights, gelu=args.gelu or "quick", seed=args.seed or 0,
+                         device=device, precision="fp32", impl=args.impl, compile=False)
+    check_memory(stop, device)
+    keep = set(explicit) | {name for name in ("gelu", "seed") if getattr(args, name) is not None}
     with warnings.catch_warnings():
-        if getattr(args, "quiet_random_weights", False):
-            warnings.simplefilter("ignore")
-        model = build_stop(
-            config, weights=args.weights, device=device,
-            quick_gelu=getattr(args, "gelu", "quick") == "quick",
-            trust_torchscript=getattr(args, "trust_weights", False),
-        )
-    if prompts is not None:
-        load_prompts(model, prompts, force=getattr(args, "force", False))
-    return model.eval()
+        if quiet_random_weights:
+            warnings.filterwarnings("ignore", message=".*RANDOM weights.*")
+        return model_from_checkpoint(config, args.checkpoint, torch.device(device), keep=keep, force=args.force,
+                                     trust_torchscript=args.trust_weights)

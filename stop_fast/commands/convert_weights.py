@@ -29,10 +29,9 @@ def run(args) -> int:
     if os.path.exists(args.output) and os.path.samefile(args.input, args.output):
         raise CLIError(f"OUT {args.output} is IN; write the converted copy to another file")
     import torch
-    from safetensors.torch import save
 
     from ..backbone import WEIGHTS_FORMAT, check_weights, file_sha256, read_state_dict, weights_format
-    from ..prompt_file import write_atomic
+    from ..io import safetensors_bytes, write_atomic
 
     kind = weights_format(args.input)
     state = read_state_dict(args.input, trust_torchscript=args.trust_weights)
@@ -40,7 +39,7 @@ def run(args) -> int:
     tensors = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
     metadata = {"format": WEIGHTS_FORMAT, "source": os.path.basename(args.input),
                 "source_sha256": file_sha256(args.input)}
-    write_atomic(args.output, save(tensors, metadata=metadata))
+    write_atomic(args.output, safetensors_bytes(tensors, metadata))
     values = sum(t.numel() for t in tensors.values())
     dtypes = ", ".join(sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()}))
     print(f"wrote {args.output}: {len(tensors)} tensors, {values:,} values ({dtypes}) from {args.input} ({kind})")

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_arguments, build_model, existing_file, output_file
+from .common import add_model_arguments, existing_file, model_from_args, output_file
 
 
 def add_arguments(p) -> None:
@@ -11,7 +11,6 @@ def add_arguments(p) -> None:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--video", help="video file to embed (default: a generated moving-square clip)")
     src.add_argument("--generated", action="store_true", help="embed a generated clip (the default)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated clip")
     p.add_argument("--out", help="also save the embedding tensor here (torch.save; load with weights_only=True)")
 
 
@@ -22,52 +21,40 @@ def run(args) -> int:
         output_file(args.out, "--out")
     import torch
 
-    model = build_model(args)
+    model, config = model_from_args(args)
+    frames = config.stop.num_frames
     if args.video:
         from ..data import read_video_clip
 
-        clip = read_video_clip(args.video, args.frames, size=model.image_size, mode="eval")
+        clip = read_video_clip(args.video, frames, size=model.image_size, mode="eval")
         source = args.video
     else:
         from ..synthetic import moving_square
 
-        clip = moving_square(args.frames, model.image_size, generator=torch.Generator().manual_seed(args.seed))
-        source = f"generated clip (moving square, seed {args.seed})"
+        seed = args.seed or 0
+        clip = moving_square(frames, model.image_size, generator=torch.Generator().manual_seed(seed))
+        source = f"generated clip (moving square, seed {seed})"
     video = clip[None].to(next(model.parameters()).device)
     with torch.no_grad():
-        details, impl = explain(model, video, args.impl)  # one forward: embedding and counts together
+        details = model.explain(video, impl=args.impl)  # one forward: embedding and counts together
     feature = details["feature"][0].float().cpu()
     if args.out:
         import io
 
-        from ..prompt_file import write_atomic
+        from ..io import write_atomic
 
         buffer = io.BytesIO()
         torch.save(feature, buffer)
         write_atomic(args.out, buffer.getvalue())
-    counts = details["counts"][0].tolist()
     print(json.dumps({
         "source": source,
-        "model": args.model,
-        "random_weights": args.weights is None,
-        "impl": impl,
+        "model": config.stop.model_name,
+        "random_weights": config.weights is None,
+        "impl": args.impl,
         "embedding_dim": feature.numel(),
         "norm": round(float(feature.norm()), 6),
         "embedding_head": [round(float(x), 5) for x in feature[:8]],
-        "temporal_tokens_per_frame": counts,
+        "temporal_tokens_per_frame": details["counts"][0].tolist(),
         "saved_to": args.out,
-    }, indent=2))
+    }, indent=2, allow_nan=False))
     return 0
-
-
-def explain(model, video, impl: str):
-    """``model.explain(video, impl=impl)`` and the path that ran; a STOP whose ``explain`` has no
-    ``impl`` argument runs the reference path, and says so."""
-    import inspect
-    import warnings
-
-    if "impl" in inspect.signature(model.explain).parameters:
-        return model.explain(video, impl=impl), impl
-    if impl != "reference":
-        warnings.warn(f"this STOP.explain has no impl argument: ran the reference path, not {impl}", stacklevel=2)
-    return model.explain(video), "reference"

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 
+from .common import stop_settings
 from .train import add_data_arguments, config_from_args, print_metrics
-
 from .errors import CLIError
 
 
@@ -45,7 +45,8 @@ def run(args) -> int:
         out = os.path.join(base, "eval.json")
     else:
         out = "eval-zero-shot.json"
-    result = evaluate(config, args.checkpoint, zero_shot=args.zero_shot, out=out, force=args.force)
+    result = evaluate(config, args.checkpoint, zero_shot=args.zero_shot, out=out, force=args.force,
+                      keep=stop_settings(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     what = "zero-shot CLIP (prompts off)" if args.zero_shot else result["checkpoint"]

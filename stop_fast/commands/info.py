@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 
-from .common import add_model_arguments, build_model
+from .common import add_model_arguments, model_from_args
 
 
 def add_arguments(p) -> None:
@@ -11,17 +11,16 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    args.quiet_random_weights = True  # sizes do not depend on the weights
-    model = build_model(args)
+    model, config = model_from_args(args, quiet_random_weights=True)  # sizes do not depend on the weights
     counts = {name: sum(p.numel() for p in m.parameters()) for name, m in model.trainable_modules().items()}
     print(json.dumps({
-        "model": args.model,
+        "model": config.stop.model_name,
         "image_size": model.image_size,
         "patches_per_frame": model.num_patches,
         "width": model.width,
         "heads": model.visual.transformer.resblocks[0].attn.num_heads,
         "layers": len(model.visual.transformer.resblocks),
-        "backbone": getattr(model.clip, "stop_fast_source", None),
+        "backbone": model.clip.stop_fast_source,
         "config": model.config.to_dict(),
         "trainable_parameters": counts,
         "trainable_total": sum(counts.values()),

@@ -13,6 +13,7 @@ import json
 import os
 from typing import List
 
+from .common import existing_file, resolve_device, stop_settings
 from .errors import CLIError
 
 
@@ -31,7 +32,7 @@ def add_arguments(p) -> None:
     p.add_argument("--template", help="class text template with {} (default 'a video of a person doing {}')")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--impl", choices=["reference", "fast"], help="default: fast on CUDA, reference on CPU")
-    p.add_argument("--seed", type=int, help="seed of a random backbone (default 0, as in training)")
+    p.add_argument("--seed", type=int, help="seed of a random backbone (default: the checkpoint's, else 0)")
     p.add_argument("--force", action="store_true", help="load prompts saved for another backbone anyway (warns)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
@@ -55,8 +56,6 @@ def parse_classes(value: str) -> List[str]:
 
 
 def run(args) -> int:
-    from .common import existing_file
-
     for v in args.videos:
         existing_file(v, "VIDEO")
     if args.checkpoint and not os.path.exists(args.checkpoint):
@@ -68,24 +67,26 @@ def run(args) -> int:
     classes = parse_classes(args.classes) if args.classes else None
     if args.text is not None and not args.text.strip():
         raise CLIError("--text: the caption is empty")
-    if args.device and args.device != "auto":
-        from .common import resolve_device
+    import torch
 
-        resolve_device(args.device)
+    from ..config import STOPConfig
     from ..train.config import TrainConfig
-    from ..train.inference import classify, load_model, similarity_to_text, video_features
+    from ..train.inference import classify, similarity_to_text, video_features
+    from ..train.setup import model_from_checkpoint
 
-    values = {k: getattr(args, k) for k in ("weights", "model", "frames", "impl", "seed") if getattr(args, k) is not None}
+    explicit = stop_settings(args)
+    values = {k: getattr(args, k) for k in ("weights", "impl", "seed") if getattr(args, k) is not None}
     if args.template:
         values["class_template"] = args.template
-    if args.device and args.device != "auto":
-        values["device"] = args.device
+    device = resolve_device(args.device or "auto")
     try:
-        config = TrainConfig(**values)
+        config = TrainConfig(stop=STOPConfig(**explicit), device=device, **values).resolved(device.startswith("cuda"))
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-    model, config, device = load_model(config, args.checkpoint, force=args.force)
-    features = video_features(model, config, device, args.videos)
+    keep = set(explicit) | ({"seed"} if args.seed is not None else set())
+    model, config = model_from_checkpoint(config.with_stop(k=0, rho=0) if args.zero_shot else config,
+                                          args.checkpoint, torch.device(device), keep=keep, force=args.force)
+    features = video_features(model, config, torch.device(device), args.videos)
     if classes:
         probs = classify(model, config, features, classes)
         top = probs.topk(min(args.top, len(classes)), dim=-1)  # display order only; ties are immaterial here

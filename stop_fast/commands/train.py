@@ -15,8 +15,9 @@ import os
 import sys
 from typing import Dict
 
-from ..train.config import DATASETS, DECODERS, IMPLS, PRECISIONS
-
+from ..config import IMPLS
+from ..train.config import DATASETS, DECODERS, GELUS, PRECISIONS
+from .common import flag_message, resolve_device, stop_settings
 from .errors import CLIError
 
 # flag dest -> help; each dest is a TrainConfig field
@@ -39,6 +40,8 @@ def add_data_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
     p.add_argument("--fold", type=int, help="UCF101 / HMDB51 split number (default 1)")
     p.add_argument("--model", help="open_clip model name or stop-tiny (default ViT-B-32)")
     p.add_argument("--weights", help="local CLIP weights file; omitted: random weights, with a warning")
+    p.add_argument("--gelu", choices=GELUS, help="activation the weights were trained with: quick (OpenAI's CLIP, "
+                   "the default) or erf (most LAION / open_clip-trained checkpoints)")
     p.add_argument("--eval-frames", type=int, help="frames per evaluation clip (default: --frames)")
     p.add_argument("--eval-clips", type=int, help="evaluation clips per video, averaged (default 1)")
     p.add_argument("--eval-crops", type=int, choices=[1, 3], help="evaluation crops per clip, averaged (default 1)")
@@ -92,13 +95,14 @@ def config_from_args(args, extra: Dict = None):
     if overrides.get("device") == "auto":
         del overrides["device"]
     overrides.update(extra or {})
+    overrides["stop"] = stop_settings(args)
     if args.config and not os.path.isfile(args.config):
         raise CLIError(f"--config {args.config}: no such file")
     try:
         config = load_config(args.config, **overrides)
         config.validate(require_data=True)
     except ValueError as exc:
-        raise CLIError(_flag_message(str(exc), overrides, args.config)) from None
+        raise CLIError(_flag_message(str(exc), {**overrides, **overrides["stop"]}, args.config)) from None
     for name in ("weights", "train_list", "val_list"):
         value = getattr(config, name)
         if value and not os.path.exists(value):
@@ -106,24 +110,17 @@ def config_from_args(args, extra: Dict = None):
     if not os.path.isdir(config.video_root):
         raise CLIError(f"--video-root {config.video_root}: no such folder")
     if config.device:
-        from .common import resolve_device
-
         resolve_device(config.device)
     return config
 
 
 def _flag_message(message: str, flags: Dict, config_file) -> str:
-    """'batch_size must be >= 1' -> '--batch-size: batch_size must be >= 1' when the flag set it."""
+    """'batch_size must be >= 1' -> '--batch-size: batch_size must be >= 1' when a flag set the field."""
     if config_file and message.startswith(f"{config_file}: "):
         body = message[len(config_file) + 2 :]
-        field = body.split(" ", 1)[0]
-        if field in flags:
-            return f"--{field.replace('_', '-')}: {body}"
-        return message
-    field = message.split(" ", 1)[0]
-    if field in flags:
-        return f"--{field.replace('_', '-')}: {message}"
-    return message
+        named = flag_message(body, flags)
+        return named if named != body else message
+    return flag_message(message, flags)
 
 
 def print_metrics(metrics: Dict, file=None) -> None:

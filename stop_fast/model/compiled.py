@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from ..config import IMPLS
 from .steps import video_feature
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -63,8 +64,6 @@ class CompiledEncoder:
     """
 
     def __init__(self, model: "STOP", impl: str = "fast", static_shapes: bool = False, **compile_kwargs):
-        from .stop import IMPLS
-
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         if not isinstance(static_shapes, bool):
@@ -90,7 +89,7 @@ class CompiledEncoder:
             self._fall_back(exc)
 
     def _features(self, video: torch.Tensor) -> torch.Tensor:
-        return video_feature(self.model._forward(video, self.impl, static_shapes=self.static_shapes))
+        return video_feature(self.model.forward_frames(video, self.impl, static_shapes=self.static_shapes))
 
     def _staged_features(self, video: torch.Tensor) -> torch.Tensor:
         from .fast import fast_forward
@@ -98,7 +97,7 @@ class CompiledEncoder:
         return video_feature(fast_forward(self.model, video, prompt=self._prompt, encode=self._encode, bucket=True))
 
     def __call__(self, video: torch.Tensor) -> torch.Tensor:
-        video, _, _ = self.model._prepare(video, self.impl, None, None, check_values=False)
+        video, _, _ = self.model.prepare_inputs(video, self.impl, check_values=False)
         if self.compiled:
             try:
                 with _compiler_config():

@@ -1,7 +1,6 @@
 """STOP: a frozen CLIP with spatial-temporal dynamic prompts, and its public methods."""
 from __future__ import annotations
 
-import json
 import os
 from typing import Dict, Iterable, List, Optional, Tuple, Union
 
@@ -10,15 +9,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import STOPConfig
+from ..config import IMPLS, LOGIT_SCALE, STOPConfig
 from .prompters import DynamicsConv, InterPrompter, IntraPrompter
 from .reference import reference_forward
 from .steps import video_feature
 
-IMPLS = ("reference", "fast")
 BACKBONE_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-# SPEC.md: OpenAI CLIP's trained (clamped) temperature, whatever the backbone file holds.
-LOGIT_SCALE = 100.0
 
 
 class STOP(nn.Module):
@@ -190,8 +186,8 @@ class STOP(nn.Module):
 
         Same arguments as :meth:`encode_video`; in the backbone's (or autocast's) dtype.
         """
-        video, selection, counts = self._prepare(video, impl, selection, counts, check_inputs)
-        return self._forward(video, impl, selection, counts)
+        video, selection, counts = self.prepare_inputs(video, impl, selection, counts, check_inputs)
+        return self.forward_frames(video, impl, selection, counts)
 
     @torch.no_grad()
     def explain(self, video: torch.Tensor, impl: str = "reference", selection: Optional[torch.Tensor] = None,
@@ -203,15 +199,16 @@ class STOP(nn.Module):
         ``frame_features`` f_t; and ``feature``, the video feature (B, embed_dim). ``selection`` and
         ``counts`` override R and n as in :meth:`encode_video`.
         """
-        video, selection, counts = self._prepare(video, impl, selection, counts, True)
-        per_frame, details = self._forward(video, impl, selection, counts, record=True)
+        video, selection, counts = self.prepare_inputs(video, impl, selection, counts, True)
+        per_frame, details = self.forward_frames(video, impl, selection, counts, record=True)
         details["frame_features"] = per_frame
         details["feature"] = video_feature(per_frame)
         return details
 
-    def _forward(self, video, impl, selection=None, counts=None, record=False, static_shapes=False):
-        """The path ``impl`` on inputs that :meth:`_prepare` checked (``static_shapes``: fast path only;
-        the reference path pads every frame anyway)."""
+    def forward_frames(self, video, impl, selection=None, counts=None, record=False, static_shapes=False):
+        """Per-frame features by the path ``impl`` of inputs that :meth:`prepare_inputs` returned
+        (``record``: also the intermediate quantities, as ``explain`` returns them; ``static_shapes``:
+        fast path only, every frame padded to 1 + N + rho tokens; the reference path pads anyway)."""
         if impl == "fast":
             from .fast import fast_forward
 
@@ -249,10 +246,10 @@ class STOP(nn.Module):
         return self._logit_scale
 
     # ------------------------------------------------------------------ checks
-    def _prepare(self, video, impl, selection, counts, check_values: bool
-                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
-        """Check the inputs of a public entry; returns the video in ``backbone_dtype`` and the
-        overrides as int64 / int32 tensors."""
+    def prepare_inputs(self, video, impl, selection=None, counts=None, check_values: bool = True
+                       ) -> Tuple[torch.Tensor, Optional[torch.Tensor], Optional[torch.Tensor]]:
+        """Check the inputs of a public entry (``check_values=False``: shapes, dtypes and devices only,
+        no host sync); returns the video in ``backbone_dtype`` and the overrides as int64 / int32."""
         if impl not in IMPLS:
             raise ValueError(f"impl must be one of {IMPLS}, got {impl!r}")
         self._check_video(video, check_values=check_values)

@@ -1,65 +1,40 @@
-"""Training checkpoints: atomic, resumable, and readable without running code.
+"""Training checkpoints: atomic, resumable, readable without running code, and found by one rule.
 
 A checkpoint of step S is two files in ``OUT/checkpoints``:
-- ``step-0000000S.safetensors``: the trainable weights, written by ``STOP.save_prompts`` (self-describing:
-  STOPConfig and backbone in its metadata). This is the file ``stop-fast eval`` / ``predict`` take.
+- ``step-0000000S.safetensors``: the trainable weights, a prompt file (``STOP.save_prompts``:
+  self-describing, STOPConfig and backbone in its metadata). ``stop-fast eval`` / ``predict`` take it.
 - ``step-0000000S.pt``: the rest of the training state (optimiser, scheduler, step, RNG states, the
   loader's position, the run's settings), read back with ``torch.load(weights_only=True)``.
 
-Each file is written to a temporary name in the same folder, flushed to disk (fsync), and renamed
-over its final name; on any error the temporary file is removed. The ``.pt`` file is written last,
-so a checkpoint exists (for ``--resume auto``) only once both halves are complete.
+Both are written by :func:`stop_fast.io.atomic_path` (flushed, renamed; a killed save's temporary
+is removed by the next save), the ``.pt`` last, so a checkpoint exists only once both halves are
+complete. :func:`newest_readable` is what ``--resume auto`` reads: the newest checkpoint that loads,
+with a warning naming each newer one that does not. :func:`resolve_prompts` is the one rule that
+turns a user's ``--checkpoint`` (a run folder, a ``.pt`` or a prompt file) into a prompt file.
 """
 from __future__ import annotations
 
 import contextlib
 import glob
+import logging
 import os
 import random
 import re
-import tempfile
-from typing import Any, Dict, Iterator, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
+from ..io import atomic_path
+
 FORMAT = "stop_fast.train/1"
+PROMPTS_FILE = "prompts.safetensors"  # a finished run's final prompts, in its folder
+CHECKPOINTS_DIR = "checkpoints"
 _NAME = re.compile(r"step-(\d{8,})\.pt$")
 
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - e.g. platforms without directory handles
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
+log = logging.getLogger(__name__)
 
 
-@contextlib.contextmanager
-def atomic_path(path: str) -> Iterator[str]:
-    """Yield a temporary path beside ``path`` (same suffix) to write to; on success it is fsynced and
-    renamed to ``path``, on error removed (with a ``.tmp`` sibling a writer may have left)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    stem, suffix = os.path.splitext(os.path.basename(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{stem}.", suffix=f".tmp{suffix}", dir=folder)
-    os.close(fd)
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except BaseException:
-        for leftover in (tmp, tmp + ".tmp"):
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(leftover)
-        raise
-
-
+# ---------------------------------------------------------------------------------------------- RNG
 def rng_state() -> Dict[str, Any]:
     import numpy as np
 
@@ -87,6 +62,7 @@ def _to_lists(x):
     return [_to_lists(v) for v in x] if isinstance(x, tuple) else x
 
 
+# ---------------------------------------------------------------------------------------------- files
 def paths_for(folder: str, step: int) -> Dict[str, str]:
     stem = os.path.join(folder, f"step-{step:08d}")
     return {"state": stem + ".pt", "prompts": stem + ".safetensors"}
@@ -119,6 +95,7 @@ def list_checkpoints(folder: str) -> List[int]:
 
 
 def latest(folder: str) -> Optional[str]:
+    """The newest complete checkpoint's ``.pt`` path (None: none), whether or not it reads."""
     steps = list_checkpoints(folder)
     return paths_for(folder, steps[-1])["state"] if steps else None
 
@@ -130,7 +107,7 @@ def load(path: str, map_location="cpu") -> Dict[str, Any]:
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as exc:  # noqa: BLE001 - pickle, zip and torch errors all mean "not readable"
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first = _first_line(exc)
         raise ValueError(f"{path} is not a readable stop_fast training checkpoint ({first})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"{path} is not a stop_fast training checkpoint (format {FORMAT} expected)")
@@ -140,19 +117,55 @@ def load(path: str, map_location="cpu") -> Dict[str, Any]:
     return payload
 
 
+def newest_readable(folder: str, check=None) -> Optional[Tuple[str, Dict[str, Any]]]:
+    """``(path, state)`` of the newest checkpoint in ``folder`` that loads (and passes ``check(state)``,
+    which raises ``ValueError`` / ``OSError`` for a damaged one); each newer damaged checkpoint is
+    named in a warning. None when the folder holds no checkpoint; a ``ValueError`` when none reads."""
+    steps = list_checkpoints(folder)
+    damaged = []
+    for step in reversed(steps):
+        path = paths_for(folder, step)["state"]
+        try:
+            state = load(path)
+            if check is not None:
+                check(state)
+        except (ValueError, OSError) as exc:
+            log.warning("checkpoint %s cannot be resumed (%s); trying the one before it", path, _first_line(exc))
+            damaged.append(path)
+            continue
+        return path, state
+    if damaged:
+        raise ValueError(f"no checkpoint in {folder} can be resumed (damaged: {', '.join(damaged)})")
+    return None
+
+
 def resolve_prompts(path: str) -> str:
-    """A user's ``--checkpoint``: a prompts ``.safetensors`` file, a training ``.pt`` checkpoint, or a
-    run folder (its final prompts, else its newest checkpoint) -> the prompts file."""
+    """A user's ``--checkpoint``: a prompt ``.safetensors`` file, a training ``.pt`` checkpoint, or a
+    run folder (its final prompts, else its newest checkpoint) -> the prompt file."""
     if os.path.isdir(path):
-        final = os.path.join(path, "prompts.safetensors")
+        final = os.path.join(path, PROMPTS_FILE)
         if os.path.isfile(final):
             return final
-        newest = latest(os.path.join(path, "checkpoints"))
+        newest = latest(os.path.join(path, CHECKPOINTS_DIR))
         if newest is None:
-            raise FileNotFoundError(f"{path}: no prompts.safetensors and no checkpoints/step-*.pt in this folder")
+            raise FileNotFoundError(f"{path}: no {PROMPTS_FILE} and no {CHECKPOINTS_DIR}/step-*.pt in this folder")
         path = newest
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".pt"):
         return load(path)["prompts_path"]
     return path
+
+
+def run_folder(prompts: str) -> Optional[str]:
+    """The run folder a prompt file belongs to (its own folder, or the one above ``checkpoints/``)
+    when that folder holds the run's ``config.json``; None for a prompt file on its own."""
+    folder = os.path.dirname(os.path.abspath(prompts))
+    if os.path.basename(folder) == CHECKPOINTS_DIR:
+        folder = os.path.dirname(folder)
+    return folder if os.path.isfile(os.path.join(folder, "config.json")) else None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

@@ -1,18 +1,28 @@
 """TrainConfig: every setting of a training or evaluation run, its default (SPEC.md) and its checks.
 
-A config comes from a TOML file (``configs/<dataset>.toml``, read with the standard library's
-``tomllib``), from keyword arguments, or both (``load_config(path, **overrides)``); the command line
-passes its flags as overrides. Keys are the field names below. ``None`` means "the dataset's
-default" (see ``DATASET_DEFAULTS``) or "decided by the device" (``device``, ``precision``, ``impl``,
-``compile``); :meth:`TrainConfig.resolved` fills those in for the run, and ``OUT/config.json``
-records the resolved values.
+A run's model is a :class:`~stop_fast.config.STOPConfig` held in ``TrainConfig.stop`` (backbone name,
+frames T, K, rho, alpha, beta, widths); the other fields say what data it sees and how it trains.
+A config comes from a TOML file (``configs/<dataset>.toml``: top-level settings and a ``[stop]``
+table, read with the standard library's ``tomllib``), from keyword arguments, or both
+(``load_config(path, **overrides)``, ``stop=`` taking a dict of STOPConfig fields to change); the
+command line passes its flags as overrides. ``None`` means "the dataset's default" (see
+``DATASET_DEFAULTS``) or "decided by the device" (``device``, ``precision``, ``impl``, ``compile``);
+:meth:`TrainConfig.resolved` fills those in for the run, and ``OUT/config.json`` records the
+resolved values (:data:`RUN_FORMAT`).
+
+Files written before the model moved into ``[stop]`` (flat ``model``, ``frames``, ``k``, ``rho``,
+... keys, and run records without a format) are read through :data:`FLAT_MODEL_KEYS`, the one
+place that knows the old names.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 import os
+import warnings
 from typing import Any, Dict, Optional, Tuple
+
+from ..config import IMPLS, STOPConfig
 
 # Per dataset: the task, which splits train and evaluate, whether horizontal flips keep the labels
 # true (SPEC.md "Sampling": on for UCF101, HMDB51 and Kinetics; never for SSv2; off for captions,
@@ -32,13 +42,21 @@ DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
 DATASETS = tuple(DATASET_DEFAULTS)
 DECODERS = ("auto", "dali", "pyav")
 PRECISIONS = ("bf16", "fp32")
-IMPLS = ("reference", "fast")
-LOGIT_SCALE = 100.0  # SPEC.md: exactly 100, whatever the backbone file holds
+GELUS = ("quick", "erf")
+RUN_FORMAT = "stop_fast.run/2"  # OUT/config.json; records without a format are read as version 1
+# Version 1 (flat) names of the model's settings -> STOPConfig fields.
+FLAT_MODEL_KEYS = {"model": "model_name", "frames": "num_frames", "k": "k", "rho": "rho", "alpha": "alpha",
+                   "beta": "beta", "r_intra": "r_intra", "r_inter": "r_inter"}
 
 
 @dataclasses.dataclass
 class TrainConfig:
     """Settings of one run. Defaults are SPEC.md's (the authors' MSR-VTT script) unless marked."""
+
+    # model: the backbone, T, K, rho, ... (STOPConfig's defaults are SPEC.md's)
+    stop: STOPConfig = dataclasses.field(default_factory=STOPConfig)
+    weights: Optional[str] = None  # local CLIP weights; None: random weights drawn from `seed` (a warning says so)
+    gelu: str = "quick"  # the backbone's activation: quick (OpenAI's CLIP) or erf (most LAION checkpoints)
 
     # data
     dataset: Optional[str] = None  # one of DATASETS (required)
@@ -48,8 +66,7 @@ class TrainConfig:
     train_split: Optional[str] = None  # split names passed to the dataset adapter; None: DATASET_DEFAULTS
     val_split: Optional[str] = None
     fold: int = 1  # UCF101 / HMDB51 split number
-    frames: int = 12  # T sampled per training clip
-    eval_frames: Optional[int] = None  # T for evaluation; None: frames
+    eval_frames: Optional[int] = None  # T for evaluation; None: stop.num_frames
     eval_clips: int = 1  # evaluation views: clips per video x crops per clip, averaged
     eval_crops: int = 1
     flip: Optional[bool] = None  # horizontal flips in training; None: the dataset's default
@@ -57,16 +74,6 @@ class TrainConfig:
     class_template: str = "a video of a person doing {}"
     decoder: str = "auto"  # auto: DALI on a GPU when installed, else PyAV
     workers: int = 4  # PyAV decoding processes, or DALI host threads
-
-    # model
-    model: str = "ViT-B-32"
-    weights: Optional[str] = None  # local CLIP weights; None: random weights (a warning says so)
-    k: int = 6
-    rho: int = 12
-    alpha: float = 0.4
-    beta: float = 4.0
-    r_intra: int = 128
-    r_inter: int = 512
 
     # optimisation
     epochs: int = 5
@@ -82,13 +89,13 @@ class TrainConfig:
 
     # run
     out: str = "runs/stop"
-    resume: Optional[str] = None  # "auto" (latest checkpoint in out, if any) or a checkpoint file
+    resume: Optional[str] = None  # "auto" (newest readable checkpoint in out, if any) or a checkpoint file
     device: Optional[str] = None  # cpu, cuda, cuda:N; None: CUDA when available (torchrun: cuda:LOCAL_RANK)
     precision: Optional[str] = None  # bf16 or fp32; None: bf16 on CUDA, fp32 on CPU
     impl: Optional[str] = None  # reference or fast; None: fast on CUDA, reference on CPU
     compile: Optional[bool] = None  # torch.compile the step's encoder; None: on with CUDA
     grad_checkpointing: bool = False
-    seed: int = 0
+    seed: int = 0  # sampling, the prompters' initialisation and a random backbone's weights
     log_every: int = 10  # optimiser steps between log lines (the only host syncs of the loop)
     eval_every: int = 1  # epochs between evaluations; 0: only after the last epoch
     save_every: int = 0  # optimiser steps between checkpoints; 0: at the end of each epoch only
@@ -99,11 +106,15 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if isinstance(self.betas, list):
             self.betas = tuple(self.betas)
+        if isinstance(self.stop, dict):
+            self.stop = _stop_config(self.stop)
         self.validate()
 
     # ------------------------------------------------------------------ checks
     def validate(self, require_data: bool = False) -> None:
         """Raise ``ValueError`` naming the first bad field. ``require_data`` also asks for a dataset."""
+        if not isinstance(self.stop, STOPConfig):
+            raise ValueError(f"stop must be a STOPConfig, got {type(self.stop).__name__}")
         if self.dataset is not None and self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {', '.join(DATASETS)}, got {self.dataset!r}")
         if require_data:
@@ -112,16 +123,15 @@ class TrainConfig:
             if not self.video_root:
                 raise ValueError("video_root is required: the dataset's root folder")
         for name in ("video_root", "train_list", "val_list", "train_split", "val_split", "weights", "resume",
-                     "device", "out", "model", "class_template"):
+                     "device", "out", "class_template"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
         if "{}" not in self.class_template:
             raise ValueError(f"class_template must contain '{{}}' where the class name goes, got {self.class_template!r}")
-        for name, low in (("fold", 1), ("frames", 1), ("eval_clips", 1), ("epochs", 1), ("batch_size", 1),
-                          ("accumulation", 1), ("log_every", 1), ("r_intra", 1), ("r_inter", 1), ("k", 0),
-                          ("rho", 0), ("workers", 0), ("eval_every", 0), ("save_every", 0), ("keep_checkpoints", 1),
-                          ("stop_after_steps", 0), ("seed", 0)):
+        for name, low in (("fold", 1), ("eval_clips", 1), ("epochs", 1), ("batch_size", 1), ("accumulation", 1),
+                          ("log_every", 1), ("workers", 0), ("eval_every", 0), ("save_every", 0),
+                          ("keep_checkpoints", 1), ("stop_after_steps", 0), ("seed", 0)):
             _check_int(name, getattr(self, name), low)
         for name in ("eval_frames", "eval_batch_size", "caption_tokens"):
             if getattr(self, name) is not None:
@@ -130,22 +140,18 @@ class TrainConfig:
             raise ValueError(f"eval_crops must be 1 or 3, got {self.eval_crops!r}")
         for name in ("lr", "eps"):
             _check_real(name, getattr(self, name), low=0.0, open_low=True)
-        for name in ("weight_decay", "grad_clip", "alpha", "beta"):
+        for name in ("weight_decay", "grad_clip"):
             _check_real(name, getattr(self, name), low=0.0)
-        if self.alpha > 1:
-            raise ValueError(f"alpha must lie in [0, 1], got {self.alpha}")
         _check_real("warmup", self.warmup, low=0.0)
         if self.warmup >= 1:
             raise ValueError(f"warmup is a fraction of all steps and must lie in [0, 1), got {self.warmup}")
         if (not isinstance(self.betas, tuple) or len(self.betas) != 2
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        if self.decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {', '.join(DECODERS)}, got {self.decoder!r}")
-        if self.precision is not None and self.precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
-        if self.impl is not None and self.impl not in IMPLS:
-            raise ValueError(f"impl must be one of {', '.join(IMPLS)}, got {self.impl!r}")
+        for name, allowed in (("decoder", DECODERS), ("gelu", GELUS), ("precision", PRECISIONS), ("impl", IMPLS)):
+            value = getattr(self, name)
+            if value is not None and value not in allowed:
+                raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
         for name in ("flip", "compile", "grad_checkpointing", "progress"):
             value = getattr(self, name)
             if value is not None and not isinstance(value, bool):
@@ -169,12 +175,18 @@ class TrainConfig:
                 self.val_split or self.dataset_default("val_split"))
 
     @property
+    def eval_num_frames(self) -> int:
+        """T of evaluation: ``eval_frames``, else the model's (which a checkpoint may set)."""
+        return self.eval_frames or self.stop.num_frames
+
+    @property
     def trains_anything(self) -> bool:
         """Table 4's first row (k = 0, rho = 0) has no trainable part: the run only evaluates."""
-        return self.k > 0 or self.rho > 0
+        return self.stop.intra_enabled or self.stop.inter_enabled
 
     def resolved(self, cuda_available: bool, local_rank: int = 0) -> "TrainConfig":
-        """A copy with the device-dependent ``None`` fields decided (what ``OUT/config.json`` records)."""
+        """A copy with the device-dependent ``None`` fields decided (what ``OUT/config.json`` records;
+        ``eval_frames`` stays None, "the model's T", which :attr:`eval_num_frames` reads)."""
         device = self.device or (f"cuda:{local_rank}" if cuda_available else "cpu")
         on_cuda = device.startswith("cuda")
         return dataclasses.replace(
@@ -183,13 +195,16 @@ class TrainConfig:
             precision=self.precision or ("bf16" if on_cuda else "fp32"),
             impl=self.impl or ("fast" if on_cuda else "reference"),
             compile=on_cuda if self.compile is None else self.compile,
-            eval_frames=self.eval_frames or self.frames,
             eval_batch_size=self.eval_batch_size or self.batch_size,
             flip=self.use_flip,
             caption_tokens=self.text_tokens,
             train_split=self.splits[0],
             val_split=self.splits[1],
         )
+
+    def with_stop(self, **changes) -> "TrainConfig":
+        """A copy whose STOPConfig has ``changes`` (e.g. ``k=0, rho=0`` for prompts off)."""
+        return dataclasses.replace(self, stop=dataclasses.replace(self.stop, **changes))
 
     def to_dict(self) -> Dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -198,20 +213,37 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, values: Dict[str, Any], source: Optional[str] = None) -> "TrainConfig":
-        """``source`` (a file name) prefixes error messages."""
+        """``values``: TrainConfig fields, ``stop`` a dict of STOPConfig fields (or a STOPConfig).
+        ``source`` (a file name) prefixes error messages."""
         prefix = f"{source}: " if source else ""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{prefix}unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ValueError(f"{prefix}unknown setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))} "
+                             f"(the model's settings go in the [stop] table: {', '.join(_stop_fields())})")
         try:
             return cls(**values)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"{prefix}{exc}") from None
 
 
+def read_run_record(record: Dict[str, Any], source: str) -> TrainConfig:
+    """The TrainConfig of a run's ``config.json`` (either format; the run's own extra keys ignored)."""
+    if record.get("format") == RUN_FORMAT:
+        values = dict(record)
+    elif "format" in record:
+        raise ValueError(f"{source}: run format {record['format']!r} is newer than this stop_fast reads "
+                         f"({RUN_FORMAT}); upgrade stop_fast")
+    else:  # version 1: flat model keys; its "stop_config" holds the model's every field
+        values = {k: v for k, v in record.items() if k not in FLAT_MODEL_KEYS}
+        values["stop"] = record.get("stop_config") or {new: record[old] for old, new in FLAT_MODEL_KEYS.items()
+                                                        if old in record}
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    return TrainConfig.from_dict({k: v for k, v in values.items() if k in known}, source=source)
+
+
 def read_toml(path: str) -> Dict[str, Any]:
-    """The settings of a TOML config file (top-level keys, or a ``[train]`` table)."""
+    """The settings of a TOML config file: top-level keys (or a ``[train]`` table) and ``[stop]``."""
     import tomllib
 
     if not os.path.isfile(path):
@@ -221,19 +253,41 @@ def read_toml(path: str) -> Dict[str, Any]:
             values = tomllib.load(f)
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: not valid TOML ({exc})") from None
-    if set(values) == {"train"} and isinstance(values["train"], dict):
-        values = values["train"]
-    nested = [k for k, v in values.items() if isinstance(v, dict)]
+    if "train" in values and isinstance(values["train"], dict):
+        values = {**values.pop("train"), **values}
+    nested = [k for k, v in values.items() if isinstance(v, dict) and k != "stop"]
     if nested:
-        raise ValueError(f"{path}: unexpected table(s) {', '.join(nested)}; write settings as top-level keys")
+        raise ValueError(f"{path}: unexpected table(s) {', '.join(nested)}; write settings as top-level keys "
+                         "and the model's in [stop]")
+    flat = [k for k in FLAT_MODEL_KEYS if k in values]
+    if flat:
+        warnings.warn(f"{path}: {', '.join(flat)} are read as [stop] settings "
+                      f"({', '.join(FLAT_MODEL_KEYS[k] for k in flat)}); write them in the [stop] table",
+                      UserWarning, stacklevel=2)
+        values["stop"] = {**{FLAT_MODEL_KEYS[k]: values.pop(k) for k in flat}, **values.get("stop", {})}
     return values
 
 
 def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
-    """TrainConfig from a TOML file, then ``overrides`` (those that are not None) on top."""
+    """TrainConfig from a TOML file, then ``overrides`` (those that are not None) on top; ``stop``
+    overrides are merged field by field into the file's ``[stop]`` table."""
     values = read_toml(path) if path else {}
+    stop_overrides = overrides.pop("stop", None) or {}
     values.update({k: v for k, v in overrides.items() if v is not None})
+    if stop_overrides or "stop" in values:
+        values["stop"] = {**values.get("stop", {}), **{k: v for k, v in stop_overrides.items() if v is not None}}
     return TrainConfig.from_dict(values, source=path)
+
+
+def _stop_config(values: Dict[str, Any]) -> STOPConfig:
+    try:
+        return STOPConfig.from_dict(values)
+    except ValueError as exc:
+        raise ValueError(f"stop: {exc}") from None
+
+
+def _stop_fields():
+    return [f.name for f in dataclasses.fields(STOPConfig)]
 
 
 def _check_int(name: str, value, low: int) -> None:

@@ -1,12 +1,17 @@
-"""What a run leaves behind: ``metrics.jsonl``, TensorBoard events (when tensorboard is installed),
-``curves.png`` and ``config.json``. Written by rank 0 only."""
+"""What a run leaves behind besides checkpoints: ``metrics.jsonl``, TensorBoard events (when
+tensorboard is installed), ``curves.png``, and ``train.log`` with the warnings of the run (skipped
+videos by name, stop requests). Written by rank 0 only."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import sys
 from typing import Any, Dict, List, Optional
+
+from ..io import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -66,15 +71,6 @@ def _tensorboard_writer(out: str, purge_step: Optional[int]):
     return SummaryWriter(os.path.join(out, "tensorboard"), purge_step=purge_step)
 
 
-def write_json(path: str, payload: Dict[str, Any]) -> None:
-    from .checkpoint import atomic_path
-
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(payload, f, indent=2, sort_keys=True)
-            f.write("\n")
-
-
 def plot_curves(records: List[Dict[str, Any]], path: str) -> Optional[str]:
     """Training loss and learning rate against the step, and the evaluation metrics, as one PNG."""
     try:
@@ -101,7 +97,8 @@ def plot_curves(records: List[Dict[str, Any]], path: str) -> Optional[str]:
     if keys:
         axes[2].legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=100)
     plt.close(fig)
     return path
 
@@ -112,3 +109,41 @@ def _is_percent(key: str) -> bool:
 
 def _finite(x) -> bool:
     return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------------------------------------- train.log
+@contextlib.contextmanager
+def run_logging(out: str, rank_prefix: str = ""):
+    """Log records of ``stop_fast`` (skipped videos by name, stop requests) to stderr, above the
+    progress bar, and to ``OUT/train.log``, while the run lasts."""
+    logger = logging.getLogger("stop_fast")
+    fmt = logging.Formatter(rank_prefix + "%(asctime)s %(levelname)s %(message)s")
+    handlers = [logging.FileHandler(os.path.join(out, "train.log")), _TqdmHandler()]
+    for h in handlers:
+        h.setFormatter(fmt)
+        h.setLevel(logging.INFO)
+        logger.addHandler(h)
+    old_level, old_propagate = logger.level, logger.propagate
+    if logger.getEffectiveLevel() > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.propagate = False  # printed once, above the progress bar, whatever the root logger holds
+    try:
+        yield
+    finally:
+        for h in handlers:
+            logger.removeHandler(h)
+            h.close()
+        logger.setLevel(old_level)
+        logger.propagate = old_propagate
+
+
+class _TqdmHandler(logging.StreamHandler):
+    """Log lines printed above the progress bar instead of through it."""
+
+    def emit(self, record):
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never break the run
+            self.handleError(record)

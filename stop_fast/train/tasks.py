@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from . import distributed
-from .config import LOGIT_SCALE
+from ..config import LOGIT_SCALE
 from .metrics import recognition_metrics, retrieval_metrics
 
 log = logging.getLogger(__name__)
