@@ -1,17 +1,18 @@
 from setuptools import find_packages, setup
 
-# `kernels/` is a top-level folder of the repository but installs as the subpackage
-# `stop_fast.kernels`: a top-level module named `kernels` would clash with an unrelated package.
+# `kernels/` and `configs/` are top-level folders of the repository but install as the subpackages
+# `stop_fast.kernels` and `stop_fast.configs`: a top-level module named `kernels` would clash with an
+# unrelated package, and `--config hmdb51` finds the installed file by name.
 setup(
     name="stop_fast",
-    version="0.1.0",
+    version="0.2.0",
     description="STOP (spatial-temporal dynamic prompting) for CLIP video models, with fused Triton kernels",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",  # configs are read with tomllib
-    packages=find_packages(include=["stop_fast", "stop_fast.*"]) + ["stop_fast.kernels"],
-    package_data={"stop_fast": ["model_configs/*.json"]},
-    package_dir={"stop_fast.kernels": "kernels"},
+    packages=find_packages(include=["stop_fast", "stop_fast.*"]) + ["stop_fast.kernels", "stop_fast.configs"],
+    package_data={"stop_fast": ["model_configs/*.json"], "stop_fast.configs": ["*.toml"]},
+    package_dir={"stop_fast.kernels": "kernels", "stop_fast.configs": "configs"},
     install_requires=[
         "torch>=2.5",
         "open_clip_torch>=2.24",

@@ -6,7 +6,7 @@ Names are imported on first use (PEP 562), so the command line starts without im
 """
 from ._lazy import lazy_exports
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 _EXPORTS = {
     "STOPConfig": "config",

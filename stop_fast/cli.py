@@ -10,10 +10,14 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 from typing import List, Optional
 
+from . import __version__
 from .commands.errors import CLIError
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")  # terminal colour codes some libraries put in messages
 
 # name -> (module under stop_fast.commands, one-line help); the order is the order of `--help`
 COMMANDS = {
@@ -35,10 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="STOP spatial-temporal dynamic prompting for frozen CLIP video models.",
     )
     parser.add_argument("--debug", action="store_true", help="show Python tracebacks of errors")
+    parser.add_argument("--version", action="version", version=f"stop-fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(f"stop_fast.commands.{module_name}")
-        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        p = sub.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # keep the examples' lines
         module.add_arguments(p)
         p.set_defaults(_run=module.run)
     return parser
@@ -55,7 +61,7 @@ def _user_error_message(exc: BaseException) -> Optional[str]:
     from .data.errors import VideoDecodeError
 
     if isinstance(exc, (CLIError, ValueError, VideoDecodeError, OSError, ImportError)):
-        return " ".join(str(exc).split()) or type(exc).__name__
+        return " ".join(_ANSI.sub("", str(exc)).split()) or type(exc).__name__
     return None
 
 

@@ -136,7 +136,7 @@ def run_demo(
         "model": MODEL, "weights": weights, "random_weights": weights is None, "seed": seed, "quick": quick,
         "device": device, "threads": threads, "settings": dataclasses.asdict(settings), "rows": rows,
         "data_seconds": round(data_seconds, 1), "total_seconds": round(total, 1),
-        "checkpoint": rows[0]["checkpoint"],
+        "checkpoint": rows[0]["checkpoint"], "out": out,
     }
     curves = _plot_curves(rows, os.path.join(out, CURVES_FILE))
     summary["curves"] = curves
@@ -194,7 +194,7 @@ def format_table(summary: Dict) -> List[str]:
     lines.append(f"chance: {chance:.0f}%. Mean pooling sees a clip and its reversal as the same set of frames.")
     if summary["random_weights"]:
         lines.append(f"backbone: {summary['model']} with RANDOM frozen weights (pass --weights FILE for a CLIP checkpoint)")
-    lines.append(f"total {summary['total_seconds']:.0f} s; results {RESULTS_FILE}"
+    lines.append(f"total {summary['total_seconds']:.0f} s; results {os.path.join(summary['out'], RESULTS_FILE)}"
                  + (f", curves {summary['curves']}" if summary.get("curves") else "")
                  + (f"; STOP's checkpoint {summary['checkpoint']}" if summary.get("checkpoint") else ""))
     return lines

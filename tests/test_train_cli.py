@@ -36,8 +36,10 @@ def data_flags(root):
 def test_train_prints_metrics_and_paths(trained, capsys):
     root, out = trained
     code, stdout, _ = run_cli(capsys, "train", *data_flags(root), "--model", "stop-tiny", "--batch-size", "2",
-                              "--out", out, "--resume", "auto", "--no-progress")  # already done: nothing to train
+                              "--epochs", "1", "--out", out, "--resume", "auto", "--no-progress")  # nothing to train
     assert code == 0 and "top1" in stdout and "prompts.safetensors" in stdout
+    log = open(os.path.join(out, "train.log")).read()
+    assert "finished its 1 epoch(s)" in log and "epoch 2" not in log
 
 
 def test_eval_prints_a_table_and_writes_json(trained, capsys, tmp_path):
@@ -54,6 +56,55 @@ def test_eval_prints_a_table_and_writes_json(trained, capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "eval", "--zero-shot", *data_flags(root), "--model", "stop-tiny",
                               "--out", str(tmp_path / "z.json"))
     assert code == 0 and "zero-shot" in stdout
+
+
+def test_eval_of_a_run_takes_its_settings_from_the_run(trained, capsys, tmp_path):
+    """No dataset flags: the run's dataset, video root and frames (3, not the default 12) evaluate its
+    prompts exactly as the run itself did; a flag still overrides."""
+    root, out = trained
+    code, stdout, err = run_cli(capsys, "eval", "--checkpoint", out, "--workers", "0", "--out", str(tmp_path / "e.json"))
+    assert code == 0, err
+    assert os.path.join(out, "config.json") in err
+    with open(tmp_path / "e.json") as f:
+        saved = json.load(f)
+    with open(os.path.join(out, "metrics.json")) as f:
+        final = json.load(f)
+    assert saved["frames"] == 3 and saved["val_top1"] == final["val_top1"]
+    assert saved["val_loss"] == pytest.approx(final["val_loss"], rel=1e-4)
+    code, _, _ = run_cli(capsys, "eval", "--checkpoint", out, "--workers", "0", "--eval-frames", "2",
+                         "--out", str(tmp_path / "f.json"))
+    with open(tmp_path / "f.json") as f:
+        assert code == 0 and json.load(f)["frames"] == 2
+
+
+def test_predict_seed_that_contradicts_the_checkpoint_is_named(trained, capsys):
+    root, out = trained
+    video = os.path.join(root, "videos", "right_0.mp4")
+    code, _, err = run_cli(capsys, "predict", video, "--checkpoint", out, "--classes", "right,left", "--seed", "5")
+    assert code == 2 and "random weights (seed 0)" in err and "(seed 5)" in err and "--force" in err
+
+
+def test_an_unwritable_out_names_the_flag(trained, capsys, tmp_path):
+    root, _ = trained
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, _, err = run_cli(capsys, "train", *data_flags(root), "--model", "stop-tiny", "--out", str(blocker / "run"))
+    assert code == 2 and err.strip().startswith("stop-fast train: error: --out ") and "Not a directory" in err
+
+
+def test_installed_configs_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch, capsys):
+    from stop_fast.train.config import config_path, load_config
+
+    installed = config_path("hmdb51")
+    assert installed.endswith(os.path.join("configs", "hmdb51.toml")) and os.path.isfile(installed)
+    assert load_config("msrvtt.toml").dataset == "msrvtt"
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "hmdb51").write_text('dataset = "ucf101"\n')
+    assert config_path("hmdb51") == "hmdb51" and load_config("hmdb51").dataset == "ucf101"
+    code, _, err = run_cli(capsys, "train", "--config", "hmdb51", "--video-root", str(tmp_path / "none"))
+    assert code == 2 and "config: hmdb51" in err
+    code, _, err = run_cli(capsys, "train", "--config", "hmdb5")
+    assert code == 2 and "--config hmdb5: no such file, and not an installed config (activitynet, didemo" in err
 
 
 def test_predict_classes_and_text(trained, capsys):

@@ -101,6 +101,13 @@ def test_resumed_run_equals_an_uninterrupted_one(recognition_set, tmp_path):
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_stop_after_steps_counts_the_steps_of_this_run(recognition_set, tmp_path):
+    config = tiny(recognition_set, tmp_path, batch_size=2, epochs=3, stop_after_steps=2)  # 2 steps an epoch
+    assert train(config)["steps"] == 2
+    resumed = train(tiny(recognition_set, tmp_path, batch_size=2, epochs=3, stop_after_steps=2, resume="auto"))
+    assert resumed["steps"] == 4 and resumed["interrupted"] == "stop_after_steps"
+
+
 def test_k0_rho0_only_evaluates_and_logs(recognition_set, tmp_path):
     result = train(tiny(recognition_set, tmp_path, k=0, rho=0))
     assert result["steps"] == 0 and "val_top1" in result
@@ -152,7 +159,7 @@ def test_sigterm_saves_a_loadable_checkpoint(recognition_set, tmp_path):
     out = tmp_path / "out"
     proc = subprocess.Popen(_cli("train", "--dataset", "csv", "--video-root", recognition_set, "--model", "stop-tiny",
                                  "--frames", "3", "--batch-size", "2", "--epochs", "100", "--workers", "0",
-                                 "--log-every", "1", "--out", str(out), "--no-progress"),
+                                 "--log-every", "1", "--out", str(out)),
                             env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.time() + 240
@@ -168,6 +175,9 @@ def test_sigterm_saves_a_loadable_checkpoint(recognition_set, tmp_path):
             proc.kill()
     assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "--resume auto" in err
+    # stderr is a pipe here, not a terminal: no progress bar redrawn with carriage returns, log lines instead
+    assert "\r" not in err, repr(err[max(0, err.find("\r") - 300):err.find("\r") + 100])
+    assert "epoch 1/100, step 1/" in err
     path = ckpt.latest(str(out / "checkpoints"))
     state = ckpt.load(path)
     assert state["step"] >= 1 and "optimizer" in state and "rng" in state
@@ -191,6 +201,7 @@ def test_two_gloo_processes_match_one(retrieval_set, tmp_path):
                           "--nproc_per_node", "2", "-m", "stop_fast.cli", "train", *common, "--out", str(two)],
                          env=_env(), capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    assert "broadcast_buffers" not in run.stderr  # no deprecation warning per rank
     one = train(tiny(retrieval_set, tmp_path / "one", batch_size=4, epochs=2, **settings))
     assert losses(two) == pytest.approx(losses(tmp_path / "one"), rel=1e-5, abs=1e-6)
     evals = [r for r in read_metrics(two / "metrics.jsonl") if "val_t2v_r1" in r]

@@ -9,6 +9,8 @@ import os
 import pytest
 import torch
 
+import stop_fast
+
 from stop_fast.train import checkpoint as ckpt
 from stop_fast.train.config import DATASETS, TrainConfig, load_config, read_toml
 from stop_fast.train.metrics import ranks_of, recognition_metrics, retrieval_metrics
@@ -308,3 +310,71 @@ def test_retrieval_evaluation_leaves_out_undecodable_videos_and_their_captions()
     keep = [0, 1, 3]  # the captions of videos 0 and 2
     expected = retrieval_metrics(caps.features[keep] @ videos[[0, 2]].T, torch.tensor([0, 0, 1]))
     assert got == expected
+
+
+# ---------------------------------------------------------------------------------------------- dataset conventions
+@pytest.mark.parametrize("name, words", [
+    ("ApplyEyeMakeup", "apply eye makeup"), ("YoYo", "yo yo"), ("HandstandPushups", "handstand pushups"),
+    ("brush_hair", "brush hair"), ("fall_floor", "fall floor"),
+    ("Pushing [something] from left to right", "pushing something from left to right"),
+    ("air drumming", "air drumming"), ("petting animal (not cat)", "petting animal (not cat)"),
+])
+def test_class_names_become_words(name, words):
+    from stop_fast.train.tasks import class_texts, class_words
+
+    assert class_words(name) == words
+    assert class_texts([name], "a video of {}", "words") == [f"a video of {words}"]
+    assert class_texts([name], "a video of {}", "raw") == [f"a video of {name}"]
+
+
+def test_class_name_and_caption_defaults_per_dataset_and_for_old_runs():
+    from stop_fast.train.config import read_run_record
+
+    assert TrainConfig(dataset="ucf101").resolved(False).class_names == "words"
+    assert TrainConfig(dataset="csv").resolved(False).class_names == "raw"
+    assert TrainConfig(dataset="csv", class_names="words").resolved(False).class_names == "words"
+    assert TrainConfig(dataset="msrvtt").resolved(False).train_captions == "all"
+    assert TrainConfig(dataset="vatex").resolved(False).train_captions == "one"
+    old = read_run_record({"dataset": "hmdb51", "model": "ViT-B-32", "k": 6}, "config.json")  # stop_fast 0.1.0's
+    assert old.class_names == "raw" and old.train_captions == "one"  # what those runs trained with
+    assert TrainConfig().resolved(False).workers <= max(1, len(os.sched_getaffinity(0)))
+
+
+def test_every_caption_a_pair_and_pairs_of_one_video_are_not_each_others_negatives():
+    """Symmetric InfoNCE with two pairs of one video in the batch: their cross terms leave both
+    softmaxes; every other pair's loss is the plain one. Checked against float64 by hand."""
+    from stop_fast.data import Sample, VideoDataset
+    from stop_fast.train import distributed
+    from stop_fast.train.tasks import Captions, RetrievalTask, caption_pairs
+
+    videos = VideoDataset("msrvtt", "train", [Sample("a.mp4", captions=("a dog", "a puppy")),
+                                              Sample("b.mp4", captions=("a cat",))], task="retrieval")
+    pairs = caption_pairs(videos)
+    assert [(s.path, s.captions) for s in pairs.samples] == [("a.mp4", ("a dog",)), ("a.mp4", ("a puppy",)),
+                                                              ("b.mp4", ("a cat",))]
+    gen = torch.Generator().manual_seed(0)
+    caps = Captions.__new__(Captions)
+    caps.features = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    caps.video = torch.tensor([0, 0, 1])
+    task = RetrievalTask.__new__(RetrievalTask)
+    task.train_captions = caps
+    features = torch.nn.functional.normalize(torch.randn(3, 8, generator=gen), dim=-1)
+    loss = task.loss(features, {"target": torch.tensor([0, 1, 2])}, distributed.Dist())
+    logits = (100 * features.double() @ caps.features.double().T)
+    allowed = ~torch.tensor([[False, True, False], [True, False, False], [False, False, False]])
+    rows = [-(logits[i, i] - torch.logsumexp(logits[i][allowed[i]], 0)) for i in range(3)]
+    cols = [-(logits[i, i] - torch.logsumexp(logits[:, i][allowed[:, i]], 0)) for i in range(3)]
+    expected = 0.5 * (torch.stack(rows).mean() + torch.stack(cols).mean())
+    assert float(loss) == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_cli_version_help_layout_and_ansi_free_errors(capsys):
+    from stop_fast.cli import _user_error_message, main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"stop-fast {stop_fast.__version__}" == "stop-fast 0.2.0"
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "\n    stop-fast eval --checkpoint runs/hmdb51\n" in capsys.readouterr().out  # examples keep their lines
+    assert _user_error_message(ValueError("\x1b[31mbad\x1b[0m file")) == "bad file"

@@ -147,9 +147,26 @@ def _memory_bytes(device: str) -> int:
         return 0
 
 
+def run_settings_for(checkpoint: str) -> dict:
+    """The settings a ``--checkpoint`` inherits from its run (``train.config.run_settings``: model,
+    weights, data, evaluation; never the device or the workers), ``{}`` for a prompt file on its own;
+    names on stderr the file it read them from."""
+    import sys
+
+    from ..train.checkpoint import resolve_prompts, run_folder
+    from ..train.config import run_settings
+
+    folder = run_folder(resolve_prompts(checkpoint))
+    if folder is None:
+        return {}
+    print(f"settings of the run: {os.path.join(folder, 'config.json')} (flags override them)", file=sys.stderr)
+    return run_settings(folder)
+
+
 def model_from_args(args, *, quiet_random_weights: bool = False):
-    """``(model, TrainConfig)`` from the model flags (:func:`add_model_arguments`): paths and the
-    device checked first, then the configuration, then ``model_from_checkpoint`` (``--checkpoint``)."""
+    """``(model, TrainConfig)`` from the model flags (:func:`add_model_arguments`) over the settings of
+    the checkpoint's run: paths and the device checked first, then the configuration, then
+    ``model_from_checkpoint`` (``--checkpoint``)."""
     import warnings
 
     if args.weights:
@@ -162,18 +179,17 @@ def model_from_args(args, *, quiet_random_weights: bool = False):
 
     import torch
 
-    from ..config import STOPConfig
-    from ..train.config import TrainConfig
+    from ..train.config import load_config
     from ..train.setup import model_from_checkpoint
 
     explicit = stop_settings(args)
+    base = run_settings_for(args.checkpoint) if args.checkpoint else {}
     try:
-        stop = STOPConfig(**explicit)
+        config = load_config(None, base=base, stop=explicit, weights=args.weights, gelu=args.gelu, seed=args.seed,
+                             device=device, precision="fp32", impl=args.impl, compile=False)
     except ValueError as exc:
         raise CLIError(flag_message(str(exc), explicit)) from None
-    config = TrainConfig(stop=stop, weights=args.weights, gelu=args.gelu or "quick", seed=args.seed or 0,
-                         device=device, precision="fp32", impl=args.impl, compile=False)
-    check_memory(stop, device)
+    check_memory(config.stop, device)
     keep = set(explicit) | {name for name in ("gelu", "seed") if getattr(args, name) is not None}
     with warnings.catch_warnings():
         if quiet_random_weights:

@@ -1,17 +1,21 @@
 """Evaluate trained prompts (or, with --zero-shot, the frozen CLIP with prompts off) on a dataset split.
 
-    stop-fast eval --checkpoint runs/hmdb51 --config configs/hmdb51.toml --video-root /data/HMDB51 --weights ViT-B-32.pt
-    stop-fast eval --zero-shot --dataset msrvtt --video-root /data/MSRVTT --weights ViT-B-32.pt
+    stop-fast eval --checkpoint runs/hmdb51
+    stop-fast eval --checkpoint runs/hmdb51 --eval-clips 4 --eval-crops 3
+    stop-fast eval --zero-shot --config hmdb51 --video-root /data/HMDB51 --weights ViT-B-32.pt
 
---checkpoint takes a prompts .safetensors file, a training checkpoint .pt, or a run folder; the
-model's settings (backbone name, k, rho, ...) are read from the prompts file. Prints a metrics table
-and writes the metrics as JSON (--out; default: eval.json beside the checkpoint, or ./eval-zero-shot.json).
+--checkpoint takes a run folder, a training checkpoint .pt or a prompt .safetensors file. A run's
+checkpoint brings the run's settings (its config.json: dataset, video root while it exists, splits,
+frames, views, backbone, weights, class texts, caption length; never the device or the workers);
+--config and flags override them. The model (backbone name, k, rho, ...) is the prompt file's. Prints
+a metrics table and writes the metrics as JSON (--out; default: eval.json beside the checkpoint, or
+./eval-zero-shot.json).
 """
 from __future__ import annotations
 
 import os
 
-from .common import stop_settings
+from .common import output_file, run_settings_for, stop_settings
 from .train import add_data_arguments, config_from_args, print_metrics
 from .errors import CLIError
 
@@ -21,21 +25,17 @@ def add_arguments(p) -> None:
     src.add_argument("--checkpoint", help="prompts .safetensors, training checkpoint .pt, or a run folder")
     src.add_argument("--zero-shot", action="store_true", help="frozen CLIP, prompts off (k = 0, rho = 0)")
     add_data_arguments(p, train=False)
-    p.add_argument("--frames", type=int, help="frames per clip (default 12; same as --eval-frames)")
     p.add_argument("--batch-size", type=int, dest="eval_batch_size", help="videos per evaluation batch")
     p.add_argument("--force", action="store_true", help="load prompts saved for another backbone anyway (warns)")
     p.add_argument("--out", dest="json_out", help="write the metrics JSON here")
 
 
 def run(args) -> int:
-
     if args.checkpoint and not os.path.exists(args.checkpoint):
         raise CLIError(f"--checkpoint {args.checkpoint}: no such file or folder")
     if args.json_out:
-        from .common import output_file
-
         output_file(args.json_out, "--out")
-    config = config_from_args(args)
+    config = config_from_args(args, base=run_settings_for(args.checkpoint) if args.checkpoint else None)
     from ..train import evaluate
 
     if args.json_out:

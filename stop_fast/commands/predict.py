@@ -13,7 +13,7 @@ import json
 import os
 from typing import List
 
-from .common import existing_file, resolve_device, stop_settings
+from .common import existing_file, flag_message, resolve_device, run_settings_for, stop_settings
 from .errors import CLIError
 
 
@@ -25,11 +25,15 @@ def add_arguments(p) -> None:
     what = p.add_mutually_exclusive_group(required=True)
     what.add_argument("--classes", help="class names: a file (one a line) or 'a,b,c'")
     what.add_argument("--text", help="a caption: rank the videos for it")
-    p.add_argument("--weights", help="local CLIP weights file the prompts were trained on (omitted: random weights)")
+    p.add_argument("--weights", help="local CLIP weights file the prompts were trained on (default: the run's, else "
+                   "random weights)")
     p.add_argument("--model", help="open_clip model name for --zero-shot (default ViT-B-32; a checkpoint names its own)")
-    p.add_argument("--frames", type=int, help="frames per clip (default 12)")
+    p.add_argument("--frames", type=int, help="frames per clip (default: the run's evaluation frames, else 12)")
     p.add_argument("--top", type=int, default=5, help="classes shown per video (default %(default)s)")
-    p.add_argument("--template", help="class text template with {} (default 'a video of a person doing {}')")
+    p.add_argument("--template", help="class text template with {} (default: the run's, else 'a video of a person "
+                   "doing {}')")
+    p.add_argument("--class-names", choices=["raw", "words"], help="class names in the class texts as given (raw) or "
+                   "as words (ApplyEyeMakeup -> apply eye makeup); default: the run's, else raw")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--impl", choices=["reference", "fast"], help="default: fast on CUDA, reference on CPU")
     p.add_argument("--seed", type=int, help="seed of a random backbone (default: the checkpoint's, else 0)")
@@ -69,20 +73,19 @@ def run(args) -> int:
         raise CLIError("--text: the caption is empty")
     import torch
 
-    from ..config import STOPConfig
-    from ..train.config import TrainConfig
+    from ..train.config import load_config
     from ..train.inference import classify, similarity_to_text, video_features
     from ..train.setup import model_from_checkpoint
 
     explicit = stop_settings(args)
-    values = {k: getattr(args, k) for k in ("weights", "impl", "seed") if getattr(args, k) is not None}
-    if args.template:
-        values["class_template"] = args.template
     device = resolve_device(args.device or "auto")
+    base = run_settings_for(args.checkpoint) if args.checkpoint else {}
     try:
-        config = TrainConfig(stop=STOPConfig(**explicit), device=device, **values).resolved(device.startswith("cuda"))
+        config = load_config(None, base=base, stop=explicit, weights=args.weights, impl=args.impl, seed=args.seed,
+                             class_template=args.template, class_names=args.class_names, eval_frames=args.frames,
+                             device=device).resolved(device.startswith("cuda"))
     except ValueError as exc:
-        raise CLIError(str(exc)) from None
+        raise CLIError(flag_message(str(exc), {**explicit, "class_template": args.template})) from None
     keep = set(explicit) | ({"seed"} if args.seed is not None else set())
     model, config = model_from_checkpoint(config.with_stop(k=0, rho=0) if args.zero_shot else config,
                                           args.checkpoint, torch.device(device), keep=keep, force=args.force)

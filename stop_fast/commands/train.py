@@ -1,7 +1,7 @@
 """Train STOP's prompts on a video dataset (action recognition or text-video retrieval).
 
-    stop-fast train --config configs/hmdb51.toml --video-root /data/HMDB51 --weights ViT-B-32.pt --out runs/hmdb51
-    torchrun --nproc_per_node 8 -m stop_fast.cli train --config configs/msrvtt.toml --video-root /data/MSRVTT ...
+    stop-fast train --config hmdb51 --video-root /data/HMDB51 --weights ViT-B-32.pt --out runs/hmdb51
+    torchrun --nproc_per_node 8 -m stop_fast.cli train --config msrvtt --video-root /data/MSRVTT ...
 
 Settings come from --config (a TOML file of TrainConfig fields, see configs/) and flags; flags win.
 A run writes OUT/metrics.jsonl, OUT/config.json, OUT/curves.png, TensorBoard events, checkpoints in
@@ -16,7 +16,7 @@ import sys
 from typing import Dict
 
 from ..config import IMPLS
-from ..train.config import DATASETS, DECODERS, GELUS, PRECISIONS
+from ..train.config import CLASS_NAMES, DATASETS, DECODERS, GELUS, PRECISIONS, TRAIN_CAPTIONS
 from .common import flag_message, resolve_device, stop_settings
 from .errors import CLIError
 
@@ -31,7 +31,8 @@ _DATA_FLAGS = {
 
 def add_data_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
     """Flags shared by train and eval; every default is None so that the config file's values stand."""
-    p.add_argument("--config", help="TOML file of settings (configs/<dataset>.toml); flags override it")
+    p.add_argument("--config", help="TOML file of settings, or an installed config by name (ucf101, hmdb51, ssv2, "
+                   "kinetics400, msrvtt, vatex, didemo, activitynet); flags override it")
     p.add_argument("--dataset", choices=DATASETS, help="dataset adapter (csv: a CSV with path,label or path,caption)")
     p.add_argument("--video-root", help="the dataset's root folder")
     for dest, text in _DATA_FLAGS.items():
@@ -42,13 +43,18 @@ def add_data_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
     p.add_argument("--weights", help="local CLIP weights file; omitted: random weights, with a warning")
     p.add_argument("--gelu", choices=GELUS, help="activation the weights were trained with: quick (OpenAI's CLIP, "
                    "the default) or erf (most LAION / open_clip-trained checkpoints)")
-    p.add_argument("--eval-frames", type=int, help="frames per evaluation clip (default: --frames)")
+    frames = ("--eval-frames",) if train else ("--eval-frames", "--frames")  # eval's only frames are evaluation's
+    p.add_argument(*frames, dest="eval_frames", type=int,
+                   help="frames per evaluation clip (default: the run's, else --frames, else 12)")
     p.add_argument("--eval-clips", type=int, help="evaluation clips per video, averaged (default 1)")
     p.add_argument("--eval-crops", type=int, choices=[1, 3], help="evaluation crops per clip, averaged (default 1)")
     p.add_argument("--eval-batch-size", type=int, help="global evaluation batch (default: --batch-size)")
     p.add_argument("--caption-tokens", type=int, help="caption length in tokens (default 32 MSR-VTT/VATEX, 64 else)")
     p.add_argument("--decoder", choices=DECODERS, help="video decoder (default auto: DALI on a GPU if installed)")
-    p.add_argument("--workers", type=int, help="decoding workers (default 4)")
+    p.add_argument("--workers", type=int, help="decoding workers (default: 4, at most the usable cores)")
+    p.add_argument("--class-names", choices=CLASS_NAMES, help="class names in the class texts: as given (raw) or as "
+                   "words (ApplyEyeMakeup, brush_hair -> apply eye makeup, brush hair); default: words for the "
+                   "paper's datasets, raw for csv")
     p.add_argument("--device", help="cpu, cuda, cuda:N or auto (default)")
     p.add_argument("--precision", choices=PRECISIONS, help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--impl", choices=IMPLS, help="default: fast on CUDA, reference on CPU")
@@ -82,27 +88,35 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--log-every", type=int, help="optimiser steps between log lines (default 10)")
     p.add_argument("--eval-every", type=int, help="epochs between evaluations, 0 = at the end only (default 1)")
     p.add_argument("--save-every", type=int, help="steps between checkpoints, 0 = each epoch's end (default 0)")
-    p.add_argument("--stop-after-steps", type=int, help="end after so many steps with a checkpoint (resumable)")
+    p.add_argument("--stop-after-steps", type=int, help="end this run after it has taken so many steps, with a "
+                   "checkpoint (--resume auto continues)")
+    p.add_argument("--train-captions", choices=TRAIN_CAPTIONS, help="retrieval training pairs: one caption per video "
+                   "per epoch, or every caption a pair (default: all for msrvtt, as the paper's code; one elsewhere)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None, help="progress bar (default on)")
 
 
-def config_from_args(args, extra: Dict = None):
-    """TrainConfig from --config and the flags (flags override); errors name the flag or the file."""
-    from ..train.config import TrainConfig, load_config
+def config_from_args(args, base: Dict = None):
+    """TrainConfig from ``base`` (a run's settings), --config and the flags (flags win); errors name
+    the flag or the file."""
+    from ..train.config import TrainConfig, config_path, load_config
 
     fields = set(TrainConfig.__dataclass_fields__)
     overrides = {k: v for k, v in vars(args).items() if k in fields and v is not None}
     if overrides.get("device") == "auto":
         del overrides["device"]
-    overrides.update(extra or {})
     overrides["stop"] = stop_settings(args)
-    if args.config and not os.path.isfile(args.config):
-        raise CLIError(f"--config {args.config}: no such file")
+    path = None
+    if args.config:
+        try:
+            path = config_path(args.config)
+        except FileNotFoundError as exc:
+            raise CLIError(f"--{exc}") from None
+        print(f"config: {path}", file=sys.stderr)
     try:
-        config = load_config(args.config, **overrides)
+        config = load_config(path, base=base, **overrides)
         config.validate(require_data=True)
     except ValueError as exc:
-        raise CLIError(_flag_message(str(exc), {**overrides, **overrides["stop"]}, args.config)) from None
+        raise CLIError(_flag_message(str(exc), {**overrides, **overrides["stop"]}, path)) from None
     for name in ("weights", "train_list", "val_list"):
         value = getattr(config, name)
         if value and not os.path.exists(value):
@@ -138,6 +152,10 @@ def run(args) -> int:
     import signal
 
     config = config_from_args(args)
+    try:
+        os.makedirs(config.out, exist_ok=True)
+    except OSError as exc:
+        raise CLIError(f"--out {config.out}: {exc.strerror or exc}") from None
     from ..train import train
 
     result = train(config)

@@ -2,7 +2,7 @@
 
 ``from stop_fast.train import TrainConfig, train, evaluate``::
 
-    config = load_config("configs/hmdb51.toml", video_root="/data/HMDB51", out="runs/hmdb51")
+    config = load_config("hmdb51", video_root="/data/HMDB51", out="runs/hmdb51")
     result = train(config)          # {"val_top1": ..., "checkpoint": ".../prompts.safetensors", ...}
     evaluate(config, result["checkpoint"])
 

@@ -26,14 +26,21 @@ from ..config import IMPLS, STOPConfig
 
 # Per dataset: the task, which splits train and evaluate, whether horizontal flips keep the labels
 # true (SPEC.md "Sampling": on for UCF101, HMDB51 and Kinetics; never for SSv2; off for captions,
-# which may say "left" or "right"; off by default for a user's CSV), and the caption length in
-# tokens for retrieval (32 for MSR-VTT and VATEX, 64 elsewhere).
+# which may say "left" or "right"; off by default for a user's CSV), the caption length in tokens
+# for retrieval (32 for MSR-VTT and VATEX, 64 elsewhere), how class names become the words of the
+# class texts (tasks.class_words: "ApplyEyeMakeup", "brush_hair", "[something]" -> words; a CSV's
+# names as given), and which captions make training pairs: every caption of every video for MSR-VTT
+# (CLIP4Clip's protocol, which the STOP authors' MSR-VTT script selects with
+# --expand_msrvtt_sentences), one caption per video per epoch elsewhere (paragraphs are one caption).
 DATASET_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "ucf101": {"task": "recognition", "flip": True, "train_split": "train", "val_split": "test"},
-    "hmdb51": {"task": "recognition", "flip": True, "train_split": "train", "val_split": "test"},
-    "ssv2": {"task": "recognition", "flip": False, "train_split": "train", "val_split": "validation"},
-    "kinetics400": {"task": "recognition", "flip": True, "train_split": "train", "val_split": "val"},
-    "msrvtt": {"task": "retrieval", "flip": False, "caption_tokens": 32, "train_split": "train", "val_split": "test"},
+    "ucf101": {"task": "recognition", "flip": True, "train_split": "train", "val_split": "test", "class_names": "words"},
+    "hmdb51": {"task": "recognition", "flip": True, "train_split": "train", "val_split": "test", "class_names": "words"},
+    "ssv2": {"task": "recognition", "flip": False, "train_split": "train", "val_split": "validation",
+             "class_names": "words"},
+    "kinetics400": {"task": "recognition", "flip": True, "train_split": "train", "val_split": "val",
+                    "class_names": "words"},
+    "msrvtt": {"task": "retrieval", "flip": False, "caption_tokens": 32, "train_split": "train", "val_split": "test",
+               "train_captions": "all"},
     "vatex": {"task": "retrieval", "flip": False, "caption_tokens": 32, "train_split": "train", "val_split": "test"},
     "didemo": {"task": "retrieval", "flip": False, "caption_tokens": 64, "train_split": "train", "val_split": "test"},
     "activitynet": {"task": "retrieval", "flip": False, "caption_tokens": 64, "train_split": "train", "val_split": "val"},
@@ -43,6 +50,8 @@ DATASETS = tuple(DATASET_DEFAULTS)
 DECODERS = ("auto", "dali", "pyav")
 PRECISIONS = ("bf16", "fp32")
 GELUS = ("quick", "erf")
+CLASS_NAMES = ("raw", "words")  # class names into the class texts as given, or as words (tasks.class_words)
+TRAIN_CAPTIONS = ("one", "all")  # retrieval training pairs: one caption per video per epoch, or every caption
 RUN_FORMAT = "stop_fast.run/2"  # OUT/config.json; records without a format are read as version 1
 # Version 1 (flat) names of the model's settings -> STOPConfig fields.
 FLAT_MODEL_KEYS = {"model": "model_name", "frames": "num_frames", "k": "k", "rho": "rho", "alpha": "alpha",
@@ -72,8 +81,10 @@ class TrainConfig:
     flip: Optional[bool] = None  # horizontal flips in training; None: the dataset's default
     caption_tokens: Optional[int] = None  # retrieval caption length; None: DATASET_DEFAULTS
     class_template: str = "a video of a person doing {}"
+    class_names: Optional[str] = None  # raw or words; None: the dataset's (words for the paper's, raw for a CSV)
+    train_captions: Optional[str] = None  # one or all; None: the dataset's (all for MSR-VTT, one elsewhere)
     decoder: str = "auto"  # auto: DALI on a GPU when installed, else PyAV
-    workers: int = 4  # PyAV decoding processes, or DALI host threads
+    workers: Optional[int] = None  # PyAV decoding processes, or DALI host threads; None: min(4, usable cores)
 
     # optimisation
     epochs: int = 5
@@ -100,7 +111,8 @@ class TrainConfig:
     eval_every: int = 1  # epochs between evaluations; 0: only after the last epoch
     save_every: int = 0  # optimiser steps between checkpoints; 0: at the end of each epoch only
     keep_checkpoints: int = 2  # newest training checkpoints kept in out/checkpoints
-    stop_after_steps: int = 0  # end this run (with a checkpoint) after so many steps; the schedule still spans all epochs
+    stop_after_steps: int = 0  # end this run (with a checkpoint) after it has taken so many steps (a resumed run
+    # counts its own); the schedule still spans all epochs
     progress: bool = True  # tqdm progress bar (rank 0)
 
     def __post_init__(self) -> None:
@@ -130,12 +142,12 @@ class TrainConfig:
         if "{}" not in self.class_template:
             raise ValueError(f"class_template must contain '{{}}' where the class name goes, got {self.class_template!r}")
         for name, low in (("fold", 1), ("eval_clips", 1), ("epochs", 1), ("batch_size", 1), ("accumulation", 1),
-                          ("log_every", 1), ("workers", 0), ("eval_every", 0), ("save_every", 0),
+                          ("log_every", 1), ("eval_every", 0), ("save_every", 0),
                           ("keep_checkpoints", 1), ("stop_after_steps", 0), ("seed", 0)):
             _check_int(name, getattr(self, name), low)
-        for name in ("eval_frames", "eval_batch_size", "caption_tokens"):
+        for name, low in (("eval_frames", 1), ("eval_batch_size", 1), ("caption_tokens", 1), ("workers", 0)):
             if getattr(self, name) is not None:
-                _check_int(name, getattr(self, name), 1)
+                _check_int(name, getattr(self, name), low)
         if self.eval_crops not in (1, 3) or isinstance(self.eval_crops, bool):
             raise ValueError(f"eval_crops must be 1 or 3, got {self.eval_crops!r}")
         for name in ("lr", "eps"):
@@ -148,7 +160,8 @@ class TrainConfig:
         if (not isinstance(self.betas, tuple) or len(self.betas) != 2
                 or not all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in self.betas)):
             raise ValueError(f"betas must be two numbers in [0, 1), got {self.betas!r}")
-        for name, allowed in (("decoder", DECODERS), ("gelu", GELUS), ("precision", PRECISIONS), ("impl", IMPLS)):
+        for name, allowed in (("decoder", DECODERS), ("gelu", GELUS), ("precision", PRECISIONS), ("impl", IMPLS),
+                              ("class_names", CLASS_NAMES), ("train_captions", TRAIN_CAPTIONS)):
             value = getattr(self, name)
             if value is not None and value not in allowed:
                 raise ValueError(f"{name} must be one of {', '.join(allowed)}, got {value!r}")
@@ -195,9 +208,13 @@ class TrainConfig:
             precision=self.precision or ("bf16" if on_cuda else "fp32"),
             impl=self.impl or ("fast" if on_cuda else "reference"),
             compile=on_cuda if self.compile is None else self.compile,
+            # more DataLoader workers than usable cores only compete (and torch warns about it)
+            workers=min(4, _usable_cores()) if self.workers is None else self.workers,
             eval_batch_size=self.eval_batch_size or self.batch_size,
             flip=self.use_flip,
             caption_tokens=self.text_tokens,
+            class_names=self.class_names or self.dataset_default("class_names") or "raw",
+            train_captions=self.train_captions or self.dataset_default("train_captions") or "one",
             train_split=self.splits[0],
             val_split=self.splits[1],
         )
@@ -227,6 +244,35 @@ class TrainConfig:
             raise ValueError(f"{prefix}{exc}") from None
 
 
+# What a run's config.json lends `eval`, `predict` and `visualize` of its checkpoint: what defines its
+# model and how it is evaluated. Never the device, the workers, or how it trained.
+INHERITED_SETTINGS = ("stop", "weights", "gelu", "seed", "dataset", "video_root", "train_list", "val_list",
+                      "train_split", "val_split", "fold", "eval_frames", "eval_clips", "eval_crops",
+                      "caption_tokens", "class_template", "class_names")
+
+
+def run_settings(folder: str) -> Dict[str, Any]:
+    """The :data:`INHERITED_SETTINGS` of the run in ``folder`` (its ``config.json``), as overrides for
+    :func:`load_config` (``base=``); paths that no longer exist (a moved dataset or weights file) are
+    left out, so that the caller's flags or their own error say what is missing."""
+    path = os.path.join(folder, "config.json")
+    import json
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            record = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: not a readable run record ({exc})") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: not a run record (a JSON object expected)")
+    config = read_run_record(record, path)
+    values = {name: getattr(config, name) for name in INHERITED_SETTINGS}
+    for name in ("video_root", "train_list", "val_list", "weights"):
+        if values[name] is not None and not os.path.exists(values[name]):
+            values[name] = None
+    return {k: v for k, v in values.items() if v is not None}
+
+
 def read_run_record(record: Dict[str, Any], source: str) -> TrainConfig:
     """The TrainConfig of a run's ``config.json`` (either format; the run's own extra keys ignored)."""
     if record.get("format") == RUN_FORMAT:
@@ -234,12 +280,28 @@ def read_run_record(record: Dict[str, Any], source: str) -> TrainConfig:
     elif "format" in record:
         raise ValueError(f"{source}: run format {record['format']!r} is newer than this stop_fast reads "
                          f"({RUN_FORMAT}); upgrade stop_fast")
-    else:  # version 1: flat model keys; its "stop_config" holds the model's every field
+    else:  # version 1: flat model keys (its "stop_config" holds the model's every field), raw class names
         values = {k: v for k, v in record.items() if k not in FLAT_MODEL_KEYS}
         values["stop"] = record.get("stop_config") or {new: record[old] for old, new in FLAT_MODEL_KEYS.items()
                                                         if old in record}
+        values.update(class_names="raw", train_captions="one")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig.from_dict({k: v for k, v in values.items() if k in known}, source=source)
+
+
+def config_path(name: str) -> str:
+    """``--config``: a TOML file, or the name of an installed config (``hmdb51``, ``msrvtt.toml``); an
+    existing file of that name wins over the installed one."""
+    if os.path.isfile(name):
+        return name
+    import importlib.resources
+
+    installed = importlib.resources.files("stop_fast.configs")
+    stem = name[:-5] if name.endswith(".toml") else name
+    if os.sep not in name and (installed / f"{stem}.toml").is_file():
+        return str(installed / f"{stem}.toml")
+    names = sorted(p.name[:-5] for p in installed.iterdir() if p.name.endswith(".toml"))
+    raise FileNotFoundError(f"config {name}: no such file, and not an installed config ({', '.join(names)})")
 
 
 def read_toml(path: str) -> Dict[str, Any]:
@@ -268,15 +330,31 @@ def read_toml(path: str) -> Dict[str, Any]:
     return values
 
 
-def load_config(path: Optional[str] = None, **overrides) -> TrainConfig:
-    """TrainConfig from a TOML file, then ``overrides`` (those that are not None) on top; ``stop``
-    overrides are merged field by field into the file's ``[stop]`` table."""
-    values = read_toml(path) if path else {}
+def load_config(path: Optional[str] = None, base: Optional[Dict[str, Any]] = None, **overrides) -> TrainConfig:
+    """TrainConfig from ``base`` (e.g. a run's settings), then a TOML file (a path or an installed
+    config's name, :func:`config_path`), then ``overrides`` (those that are not None) on top; ``stop``
+    settings are merged field by field at each level."""
+    values = dict(base or {})
+    if path:
+        path = config_path(path)
+        from_file = read_toml(path)
+        if "stop" in from_file:
+            from_file["stop"] = {**_stop_dict(values.get("stop")), **from_file["stop"]}
+        values.update(from_file)
     stop_overrides = overrides.pop("stop", None) or {}
     values.update({k: v for k, v in overrides.items() if v is not None})
     if stop_overrides or "stop" in values:
-        values["stop"] = {**values.get("stop", {}), **{k: v for k, v in stop_overrides.items() if v is not None}}
+        values["stop"] = {**_stop_dict(values.get("stop")), **{k: v for k, v in stop_overrides.items() if v is not None}}
     return TrainConfig.from_dict(values, source=path)
+
+
+def _stop_dict(stop) -> Dict[str, Any]:
+    return stop.to_dict() if isinstance(stop, STOPConfig) else dict(stop or {})
+
+
+def _usable_cores() -> int:
+    """Cores this process may run on (its affinity mask where the OS has one, as torch's DataLoader counts)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def _stop_config(values: Dict[str, Any]) -> STOPConfig:

@@ -107,5 +107,5 @@ def wrap_ddp(module: nn.Module, info: Dist, device: torch.device) -> nn.Module:
     frozen: List[str] = [name for name, p in module.named_parameters() if not p.requires_grad]
     frozen += [name for name, _ in module.named_buffers()]
     DDP._set_params_and_buffers_to_ignore_for_model(module, frozen)
-    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False,
-               gradient_as_bucket_view=True)
+    # every buffer is ignored above, so DDP has none to broadcast (no broadcast_buffers argument needed)
+    return DDP(module, device_ids=[device.index] if device.type == "cuda" else None, gradient_as_bucket_view=True)

@@ -8,7 +8,7 @@ import torch
 from ..config import LOGIT_SCALE
 from .config import TrainConfig
 from .setup import autocast_for, make_encoder
-from .tasks import encode_texts
+from .tasks import class_texts, encode_texts
 
 
 @torch.no_grad()
@@ -28,8 +28,9 @@ def video_features(model, config: TrainConfig, device, paths: Sequence[str]) -> 
 
 @torch.no_grad()
 def classify(model, config: TrainConfig, features: torch.Tensor, classes: List[str]) -> torch.Tensor:
-    """(V, C) class probabilities: softmax of 100 * cos(video, "a video of a person doing {class}")."""
-    texts = [config.class_template.format(c) for c in classes]
+    """(V, C) class probabilities: softmax of 100 * cos(video, "a video of a person doing {class}")
+    (the class names as words when ``config.class_names`` says so)."""
+    texts = class_texts(classes, config.class_template, config.class_names or "raw")
     text = encode_texts(model, texts, None, autocast_for(features.device, config.precision))
     return torch.softmax(LOGIT_SCALE * features @ text.T, dim=-1)
 

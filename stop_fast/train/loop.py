@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 from typing import Any, Callable, Dict, Optional
 
@@ -191,6 +192,7 @@ class Trainer:
         resumed = self._resume()
         if resumed is not None:
             epoch, start_micro = resumed
+        self.start_step = self.step  # stop_after_steps counts this run's steps
         metrics_log = MetricsLog(c.out, resume_step=self.step if resumed else None) if info.main else None
         if info.main:
             write_json(os.path.join(c.out, "config.json"), self._run_record())
@@ -198,14 +200,17 @@ class Trainer:
         self.forward = distributed.wrap_ddp(module, info, self.device) if info.enabled else module
         from tqdm import tqdm
 
+        # a bar redraws one line with carriage returns: on a terminal only; elsewhere (a log file) its
+        # figures go out as one log line per logging step
+        self.bar_shown = info.main and c.progress and sys.stderr.isatty()
         stop = StopRequest()
         interrupted = None
         with stop:
             while epoch < c.epochs:
                 self.train_loader.set_epoch(epoch, start_batch=start_micro)
                 bar = tqdm(total=self.steps_per_epoch, initial=start_micro // c.accumulation, unit="step",
-                           desc=f"epoch {epoch + 1}/{c.epochs}", disable=not (info.main and c.progress),
-                           dynamic_ncols=True, leave=False)
+                           desc=f"epoch {epoch + 1}/{c.epochs}", disable=not self.bar_shown, dynamic_ncols=True,
+                           leave=False)
                 done = self._epoch(epoch, start_micro, bar, metrics_log, stop)
                 bar.close()
                 if done == "stop":
@@ -275,12 +280,16 @@ class Trainer:
                     metrics_log.write(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                     videos_s=f"{record['videos_per_s']:.1f}")
+                    if c.progress and not self.bar_shown:
+                        log.info("epoch %d/%d, step %d/%d: loss %.4f, lr %.2e, %.1f videos/s", epoch + 1, c.epochs,
+                                 self.step, self.total_steps, record["loss"], record["lr"], record["videos_per_s"])
             if c.save_every and self.step % c.save_every == 0:
                 self._save(epoch, micro)
             # a stop is agreed by every rank, at logging steps when there are several ranks
             check = not info.enabled or self.step % c.log_every == 0
             stop_now = distributed.any_rank(stop.requested, info, self.device) if check else False
-            if stop_now or (c.stop_after_steps and c.stop_after_steps <= self.step < self.total_steps):
+            ran = self.step - self.start_step
+            if stop_now or (c.stop_after_steps and c.stop_after_steps <= ran and self.step < self.total_steps):
                 self._save(epoch, micro)
                 return "stop"
         return None
@@ -371,7 +380,12 @@ class Trainer:
         self.running = state["running_loss"].to(self.device)
         self.running_steps = int(state["running_steps"])
         self.metrics = dict(state.get("metrics", {}))
-        log.info("resumed from %s (step %d, epoch %d)", path, self.step, state["epoch"] + 1)
+        if int(state["epoch"]) >= self.config.epochs:
+            log.info("%s: the run finished its %d epoch(s) at step %d; nothing is left to train", path,
+                     self.config.epochs, self.step)
+        else:
+            log.info("resumed from %s (step %d, epoch %d of %d)", path, self.step, int(state["epoch"]) + 1,
+                     self.config.epochs)
         return int(state["epoch"]), int(state["micro_batch"])
 
 

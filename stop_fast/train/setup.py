@@ -125,7 +125,7 @@ def make_encoder(model, impl: str, compile: bool) -> Callable[[torch.Tensor], to
 def build_datasets(config: TrainConfig, need_train: bool = True):
     """(train, val) VideoDatasets of the config's dataset (train is None when not needed)."""
     from ..data import build_dataset
-    from .tasks import drop_captionless
+    from .tasks import caption_pairs, drop_captionless
 
     if not os.path.isdir(config.video_root):
         raise FileNotFoundError(f"video_root is not a folder: {config.video_root}")
@@ -145,6 +145,8 @@ def build_datasets(config: TrainConfig, need_train: bool = True):
     val_set = one(val_split, config.val_list)
     if val_set.task == "retrieval":  # a video without a caption can neither train nor be retrieved
         train_set = drop_captionless(train_set)[0] if train_set is not None else None
+        if train_set is not None and config.train_captions == "all":
+            train_set = caption_pairs(train_set)
         val_set = drop_captionless(val_set)[0]
     for ds in (train_set, val_set):
         if ds is not None and not ds.samples:
@@ -196,5 +198,5 @@ def build_task(config: TrainConfig, model, train_set, val_set, autocast, world_s
 
     if val_set.task == "recognition":
         classes = class_list(train_set.classes if train_set is not None else [], val_set.classes)
-        return RecognitionTask(model, classes, config.class_template, autocast)
+        return RecognitionTask(model, classes, config.class_template, autocast, config.class_names or "raw")
     return RetrievalTask(model, train_set, val_set, config.text_tokens, autocast, world_size)
