@@ -118,7 +118,9 @@ def run_logging(out: str, rank_prefix: str = ""):
     progress bar, and to ``OUT/train.log``, while the run lasts."""
     logger = logging.getLogger("stop_fast")
     fmt = logging.Formatter(rank_prefix + "%(asctime)s %(levelname)s %(message)s")
-    handlers = [logging.FileHandler(os.path.join(out, "train.log")), _TqdmHandler()]
+    # above a progress bar on a terminal; plain lines into a pipe or a log file
+    handlers = [logging.FileHandler(os.path.join(out, "train.log")),
+                _TqdmHandler() if sys.stderr.isatty() else logging.StreamHandler(sys.stderr)]
     for h in handlers:
         h.setFormatter(fmt)
         h.setLevel(logging.INFO)
