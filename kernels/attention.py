@@ -22,6 +22,32 @@ block, sequence, head) accumulating dK, dV over the query blocks and one per (qu
 head) accumulating dQ over the key blocks, both recomputing ``P = exp2(s - m) / l`` block by block
 from the forward's statistics. In a batch mixing both, each sequence goes to exactly one route.
 
+Backward, sequences of a few blocks (the kernel variant ``attn_bwd_short``, off by default until a GPU
+measures it; ``short_backward=True`` or ``STOP_FAST_KERNEL_VARIANTS=attn_bwd_short``). ViT-B/16 frames
+(197-209 tokens) are four 64-token blocks: the blockwise route spends three launches (delta, dK dV,
+dQ) and recomputes the scores and dP in both of the latter (7 block products per pair of blocks
+instead of 5); on the H100 it took 1.27 ms per layer against cuDNN's dense flash backward's 0.73 ms.
+The variant gives each (sequence, head) of more than one block and at most SEQ tokens one program
+(``_attn_bwd_short_kernel``; SEQ is max_seqlen rounded up to a power of two, at most 256 in 16 bits up
+to head dim 64, 128 at head dim 128; fp32: 256 / 128 / 64 at head dims 16 / 32 / 64, none at 128).
+All of the sequence's queries form one SEQ-row tile: the prologue loads Q and dO once, the forward's
+statistics m, l and delta = <dO, O> for every row (the delta kernel's work, no launch of its own);
+then the keys stream through in blocks of BLOCK_N, and per key block, with queries along rows so
+that the large products have M = SEQ: S = Q K_j^T, P = exp2(S - m) / l, dV_j = P^T dO,
+dP = dO V_j^T, dS = P (dP - delta), dK_j = dS^T Q (dK_j, dV_j complete: written once), and
+dQ += dS K_j into a SEQ x head_dim fp32 accumulator that stays in registers for the whole program
+and is written once at the end. No atomics and no scratch: the program owns every dQ row of its
+(sequence, head). (Atomics would need an fp32 dQ buffer for the whole batch, ~240 MB per ViT-B/16
+layer to zero, add into and convert: as much traffic as the kernel's own. Keeping the queries rather
+than the keys resident needs one accumulator, dQ, where keys would need two, dK and dV.) The price
+is parallelism: 4,608 programs per ViT-B/16 layer (384 frames x 12 heads) against 18,432 for each of
+the blockwise pair at 64-token blocks, and one program per SM (106-254 registers, 131-164 KB
+of shared memory at head dim 64, SEQ 256), which is why it waits behind a switch: the autotuner picks
+BLOCK_N, warps and stages from two or three candidates per shape, every one compiled for sm_90
+without spills. P from the forward's statistics and delta from the stored output, as on the
+blockwise route: FlashAttention-2's recomputation, which is accurate for sequences longer than one
+block (see below); the tests hold its gradients to flash-attention's epsilon at ViT-B/16 lengths.
+
 Accuracy of the backward over short sequences (why the single-pass kernel normalises P itself and
 takes delta from P). FlashAttention-2's recomputation, ``P = exp2(s - lse)`` with the forward's
 logsumexp and ``delta = <dO, O>`` with the forward's output, is exact in exact arithmetic only: in
@@ -41,12 +67,16 @@ included, and checks both routes against float64 in fp32, fp16 and bf16.
 
 Block sizes: each kernel is autotuned over a small set of (BLOCK_M, BLOCK_N, warps, stages) per dtype
 and head dim (``_gpu_candidates``), keyed on max_seqlen rounded up to a power of two; the single-pass
-kernel's block is max_seqlen rounded up, its warps are tuned. Every candidate compiles for sm_90
-without spills (``compile_cases`` lists them all for CI). Under Triton's interpreter, which runs
-programs one after another and ignores registers, each set collapses to one config. The interpreter
-gets bfloat16 wrong (garbage ``tl.dot``, truncating downcasts); the kernels' ``INTERPRETER`` flag
-routes dots and 16-bit roundings through ``_triton.dot`` / ``_triton.round_to``, which compute there
-what a GPU computes, and change nothing in compiled kernels.
+kernel's block is max_seqlen rounded up, its warps are tuned; the short multi-block kernel's
+(BLOCK_N, warps, stages) are tuned per query tile (``_SHORT_CANDIDATES``). Every candidate compiles
+for sm_90 without spills (``compile_cases`` lists them all for CI). On sm_80 (mma.sync: operands and
+accumulators all in registers) 16 of the short kernel's 34 16-bit candidates (head dims 32-128) spill
+36-3,008 bytes: it is tuned for sm_90 only, so measure it before switching it on on an A100. Under
+Triton's interpreter, which runs programs one after another and ignores registers, each set
+collapses to one config. The interpreter gets bfloat16 wrong (garbage ``tl.dot``, truncating
+downcasts); the kernels' ``INTERPRETER`` flag routes dots and 16-bit roundings through
+``_triton.dot`` / ``_triton.round_to``, which compute there what a GPU computes, and change nothing
+in compiled kernels.
 
 Robustness: programs of query blocks past a sequence's end return at once, and empty sequences read
 and write nothing. Each program clamps its sequence's bounds into ``[0, total_tokens]``, so even
@@ -67,7 +97,7 @@ import torch.nn.functional as F
 
 from ._triton import dot, jit, round_to, tl, triton
 from .aot import CompileCase, pointers
-from .dispatch import interpreter_enabled, use_triton
+from .dispatch import interpreter_enabled, use_triton, variant_enabled
 
 HEAD_DIMS = (16, 32, 64, 128)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -287,8 +317,64 @@ def _attn_bwd_dq_kernel(
     tl.store(dq_ptr + rows[:, None] * sg_t + dims[None, :], round_to(dq * scale, dq_ptr.dtype.element_ty, INTERPRETER), mask=row_ok[:, None])
 
 
+@jit
+def _attn_bwd_short_kernel(
+    q_ptr, k_ptr, v_ptr, o_ptr, do_ptr, stats_ptr, dq_ptr, dk_ptr, dv_ptr, cu_ptr,
+    sq_t, sq_h, sk_t, sk_h, sv_t, sv_h, sg_t,
+    num_heads, total, seq_bucket, lo, scale, scale_log2,
+    HEAD_DIM: tl.constexpr, SEQ: tl.constexpr, BLOCK_N: tl.constexpr, INTERPRETER: tl.constexpr,
+):
+    """The whole backward of one (sequence, head) whose sequence has more than ``lo`` tokens (the
+    single-pass kernel's) and at most SEQ: all its queries form one SEQ-row tile, its keys stream
+    through in blocks of BLOCK_N, and dQ accumulates in registers (kernel variant "attn_bwd_short")."""
+    head = tl.program_id(1)
+    length, start = _sequence(cu_ptr, tl.program_id(0), total)
+    if (length <= lo) | (length > SEQ):
+        return
+    q_ptr += start * sq_t + head * sq_h
+    k_ptr += start * sk_t + head * sk_h
+    v_ptr += start * sv_t + head * sv_h
+    o_off = (start * num_heads + head) * HEAD_DIM  # out and dO: contiguous (total, heads, HEAD_DIM)
+    o_ptr += o_off
+    do_ptr += o_off
+    m_ptr = stats_ptr + head * total + start
+    rows = tl.arange(0, SEQ)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < length
+    o_tile = rows[:, None] * (num_heads * HEAD_DIM) + dims[None, :]
+    # delta_i = <dO_i, O_i> (FlashAttention-2's; the blockwise route's delta kernel, here in the prologue)
+    o = tl.load(o_ptr + o_tile, mask=row_ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(do_ptr + o_tile, mask=row_ok[:, None], other=0.0)
+    delta = tl.sum(o * do.to(tl.float32), axis=1)
+    m = tl.load(m_ptr + rows, mask=row_ok, other=0.0)
+    inv_l = 1.0 / tl.load(m_ptr + num_heads * total + rows, mask=row_ok, other=1.0)
+    q = tl.load(q_ptr + rows[:, None] * sq_t + dims[None, :], mask=row_ok[:, None], other=0.0)
+    dq = tl.zeros([SEQ, HEAD_DIM], dtype=tl.float32)
+    g_off = start * sg_t + head * HEAD_DIM
+    for n0 in range(0, length, BLOCK_N):
+        keys = n0 + tl.arange(0, BLOCK_N)
+        key_ok = keys < length
+        k = tl.load(k_ptr + keys[:, None] * sk_t + dims[None, :], mask=key_ok[:, None], other=0.0)
+        v = tl.load(v_ptr + keys[:, None] * sv_t + dims[None, :], mask=key_ok[:, None], other=0.0)
+        # P (SEQ, BLOCK_N), queries along rows: S, dP and dQ, the products with M = SEQ, are the large
+        # ones (with keys along rows, as in the dK dV kernel, no 256-query tile at head dim 16 compiled
+        # for sm_90 without spills)
+        p = tl.exp2(dot(q, tl.trans(k), INTERPRETER) * scale_log2 - m[:, None]) * inv_l[:, None]
+        p = tl.where(row_ok[:, None] & key_ok[None, :], p, 0.0)
+        dv = dot(tl.trans(round_to(p, do.dtype, INTERPRETER)), do, INTERPRETER)
+        dp = dot(do, tl.trans(v), INTERPRETER)
+        ds = p * (dp - delta[:, None])
+        dk = dot(tl.trans(round_to(ds, q.dtype, INTERPRETER)), q, INTERPRETER)
+        dq += dot(round_to(ds, k.dtype, INTERPRETER), k, INTERPRETER)
+        g_tile = keys[:, None] * sg_t + dims[None, :]
+        tl.store(dk_ptr + g_off + g_tile, round_to(dk * scale, dk_ptr.dtype.element_ty, INTERPRETER), mask=key_ok[:, None])
+        tl.store(dv_ptr + g_off + g_tile, round_to(dv, dv_ptr.dtype.element_ty, INTERPRETER), mask=key_ok[:, None])
+    tl.store(dq_ptr + g_off + rows[:, None] * sg_t + dims[None, :], round_to(dq * scale, dq_ptr.dtype.element_ty, INTERPRETER),
+             mask=row_ok[:, None])
+
+
 _KERNELS = {"fwd": _attn_fwd_kernel, "bwd_fused": _attn_bwd_fused_kernel,
-            "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel}
+            "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dq": _attn_bwd_dq_kernel, "bwd_short": _attn_bwd_short_kernel}
 
 
 # --------------------------------------------------------------------------- launch configuration
@@ -317,6 +403,50 @@ _INTERPRETER_CONFIG = (64, 64, 4, 1)
 # need 255+ registers) and 16 rows at head dim 128.
 _FUSED_LIMIT = {(True, 16): 64, (True, 32): 64, (True, 64): 64, (True, 128): 64,
                 (False, 16): 32, (False, 32): 32, (False, 64): 32, (False, 128): 16}
+
+
+# The short multi-block backward (kernel variant "attn_bwd_short"): (16-bit, head_dim, SEQ) -> the
+# (BLOCK_N, num_warps, num_stages) it is autotuned over, SEQ being the query tile (max_seqlen rounded up
+# to a power of two, from twice the single-pass limit up to the largest SEQ listed). From ptxas, sm_90,
+# the launch's specialisation: every entry compiles without spills, registers in the comments. The
+# fp32 dots (IEEE, CUDA cores) hold 64 rows at head dim 64; at head dim 128 no fp32 tile above the
+# single pass's 16 rows fits without spilling, so fp32 at head dim 128 keeps the blockwise kernels.
+# Head dim 128 in 16 bits stops at 128 rows: 256 would need 278+ KB of shared memory.
+_SHORT_CANDIDATES = {
+    (True, 16, 128): [(16, 4, 2), (32, 8, 2)],
+    (True, 16, 256): [(16, 8, 2), (32, 8, 2), (64, 8, 2)],
+    (True, 32, 128): [(16, 4, 2), (32, 8, 2)],
+    (True, 32, 256): [(16, 8, 2), (32, 8, 2), (64, 8, 2)],
+    (True, 64, 128): [(32, 8, 2), (64, 8, 2)],
+    (True, 64, 256): [(16, 8, 2), (32, 16, 2), (64, 8, 2)],
+    (True, 128, 128): [(16, 8, 2), (32, 8, 2)],
+    (False, 16, 64): [(16, 4, 1)],
+    (False, 16, 128): [(16, 8, 1)],
+    (False, 16, 256): [(16, 8, 1)],
+    (False, 32, 64): [(16, 4, 1)],
+    (False, 32, 128): [(16, 8, 1), (16, 16, 1)],
+    (False, 64, 64): [(16, 8, 1)],
+}
+
+
+def _short_limit(dtype: torch.dtype, head_dim: int) -> int:
+    """The longest sequence the short multi-block backward takes (0: it takes none)."""
+    return max((seq for sixteen, d, seq in _SHORT_CANDIDATES if sixteen == (dtype != torch.float32) and d == head_dim),
+               default=0)
+
+
+def _short_seqs(dtype: torch.dtype, head_dim: int) -> List[int]:
+    sixteen = dtype != torch.float32
+    return sorted(seq for s16, d, seq in _SHORT_CANDIDATES if s16 == sixteen and d == head_dim)
+
+
+def _short_seq(dtype: torch.dtype, head_dim: int, max_seqlen: int) -> int:
+    """The query tile of a launch: max_seqlen rounded up to a power of two, at most the limit."""
+    return min(_short_limit(dtype, head_dim), triton.next_power_of_2(max(int(max_seqlen), 1)))
+
+
+def _gpu_short_candidates(dtype: torch.dtype, head_dim: int, seq: int) -> List[Tuple[int, int, int]]:
+    return list(_SHORT_CANDIDATES[(dtype != torch.float32, head_dim, seq)])
 
 
 def _gpu_candidates(kernel: str, dtype: torch.dtype, head_dim: int) -> List[Tuple[int, int, int, int]]:
@@ -360,6 +490,9 @@ def _tuned(kernel: str, dtype: torch.dtype, head_dim: int, block: int = 0):
     if kernel == "bwd_fused":
         candidates = [(4, 1)] if interpreter_enabled() else _gpu_fused_candidates(dtype, head_dim, block)
         configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in candidates]
+    elif kernel == "bwd_short":  # block: the query tile SEQ; the interpreter takes the first candidate
+        candidates = _gpu_short_candidates(dtype, head_dim, block)[: 1 if interpreter_enabled() else None]
+        configs = [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=s) for bn, w, s in candidates]
     else:
         candidates = [_INTERPRETER_CONFIG] if interpreter_enabled() else _gpu_candidates(kernel, dtype, head_dim)
         configs = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
@@ -391,9 +524,11 @@ def _launch_forward(q, k, v, cu_seqlens, max_seqlen, scale):
     return out, stats
 
 
-def _launch_backward(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, dq, dk, dv) -> None:
+def _launch_backward(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, dq, dk, dv, short_variant=False) -> None:
     """Write the gradients into dq, dk, dv: (total, heads, head_dim) with one token stride and head
-    stride head_dim (three tensors, or the slices of one (total, 3, heads, head_dim) buffer)."""
+    stride head_dim (three tensors, or the slices of one (total, 3, heads, head_dim) buffer).
+    ``short_variant``: sequences between one block and the short kernel's limit take
+    ``_attn_bwd_short_kernel`` (kernel variant "attn_bwd_short"); only longer ones the blockwise kernels."""
     total, heads, head_dim = q.shape
     num_seqs = cu_seqlens.numel() - 1
     if total == 0 or num_seqs == 0 or max_seqlen == 0:
@@ -407,6 +542,14 @@ def _launch_backward(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, dq,
         q, k, v, do, dq, dk, dv, *common, scale, scale * LOG2E, HEAD_DIM=head_dim, BLOCK=block, INTERPRETER=interpreted)
     if max_seqlen <= short:
         return
+    if short_variant and _short_limit(q.dtype, head_dim) > short:
+        seq = _short_seq(q.dtype, head_dim, max_seqlen)
+        _tuned("bwd_short", q.dtype, head_dim, seq)[(num_seqs, heads)](
+            q, k, v, out, do, stats, dq, dk, dv, *common, short, scale, scale * LOG2E,
+            HEAD_DIM=head_dim, SEQ=seq, INTERPRETER=interpreted)
+        short = seq  # the blockwise kernels take only what is longer still
+        if max_seqlen <= short:
+            return
     # sequences longer than one block: FlashAttention-2's two kernels, which skip the short ones
     delta = torch.empty(heads, total, dtype=torch.float32, device=q.device)
     _attn_bwd_delta_kernel[(triton.cdiv(total, DELTA_ROWS), heads)](
@@ -490,86 +633,89 @@ def varlen_attention_reference(q, k, v, cu_seqlens, softmax_scale: Optional[floa
 
 
 # --------------------------------------------------------------------------- custom ops + autograd (Triton)
+# ``short_backward`` (kernel variant "attn_bwd_short") changes only the backward's launches; the forward
+# op takes it so that autograd hands it on.
 @torch.library.custom_op("stop_fast::varlen_attention", mutates_args=())
 def _attn_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-             max_seqlen: int, scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+             max_seqlen: int, scale: float, short_backward: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     return _launch_forward(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 @_attn_op.register_fake
-def _(q, k, v, cu_seqlens, max_seqlen, scale):
+def _(q, k, v, cu_seqlens, max_seqlen, scale, short_backward):
     total, heads, _ = q.shape
     return q.new_empty(q.shape), q.new_empty(2, heads, total, dtype=torch.float32)
 
 
 @torch.library.custom_op("stop_fast::varlen_attention_backward", mutates_args=())
 def _attn_backward_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                      stats: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
-                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                      stats: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float,
+                      short_backward: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dq, dk, dv = (torch.empty(q.shape, dtype=q.dtype, device=q.device) for _ in range(3))
-    _launch_backward(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, dq, dk, dv)
+    _launch_backward(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, dq, dk, dv, short_backward)
     return dq, dk, dv
 
 
 @_attn_backward_op.register_fake
-def _(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale):
+def _(do, q, k, v, out, stats, cu_seqlens, max_seqlen, scale, short_backward):
     return q.new_empty(q.shape), q.new_empty(q.shape), q.new_empty(q.shape)
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, cu_seqlens, max_seqlen, scale = inputs
+    q, k, v, cu_seqlens, max_seqlen, scale, short_backward = inputs
     out, stats = output
     ctx.save_for_backward(q, k, v, out, stats, cu_seqlens)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.max_seqlen, ctx.scale, ctx.short_backward = max_seqlen, scale, short_backward
     ctx.mark_non_differentiable(stats)
 
 
 def _backward(ctx, dout, _dstats):
     q, k, v, out, stats, cu_seqlens = ctx.saved_tensors
-    dq, dk, dv = _attn_backward_op(dout, q, k, v, out, stats, cu_seqlens, ctx.max_seqlen, ctx.scale)
-    return dq, dk, dv, None, None, None
+    dq, dk, dv = _attn_backward_op(dout, q, k, v, out, stats, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.short_backward)
+    return dq, dk, dv, None, None, None, None
 
 
 _attn_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("stop_fast::varlen_attention_qkvpacked", mutates_args=())
-def _qkvpacked_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float
+def _qkvpacked_op(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, short_backward: bool
                   ) -> Tuple[torch.Tensor, torch.Tensor]:
     q, k, v = qkv.unbind(1)  # strided views, no copies
     return _launch_forward(q, k, v, cu_seqlens, max_seqlen, scale)
 
 
 @_qkvpacked_op.register_fake
-def _(qkv, cu_seqlens, max_seqlen, scale):
+def _(qkv, cu_seqlens, max_seqlen, scale, short_backward):
     total, _, heads, head_dim = qkv.shape
     return qkv.new_empty(total, heads, head_dim), qkv.new_empty(2, heads, total, dtype=torch.float32)
 
 
 @torch.library.custom_op("stop_fast::varlen_attention_qkvpacked_backward", mutates_args=())
 def _qkvpacked_backward_op(do: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, stats: torch.Tensor,
-                           cu_seqlens: torch.Tensor, max_seqlen: int, scale: float) -> torch.Tensor:
+                           cu_seqlens: torch.Tensor, max_seqlen: int, scale: float, short_backward: bool) -> torch.Tensor:
     dqkv = torch.empty(qkv.shape, dtype=qkv.dtype, device=qkv.device)
-    _launch_backward(do, *qkv.unbind(1), out, stats, cu_seqlens, max_seqlen, scale, *dqkv.unbind(1))
+    _launch_backward(do, *qkv.unbind(1), out, stats, cu_seqlens, max_seqlen, scale, *dqkv.unbind(1), short_backward)
     return dqkv
 
 
 @_qkvpacked_backward_op.register_fake
-def _(do, qkv, out, stats, cu_seqlens, max_seqlen, scale):
+def _(do, qkv, out, stats, cu_seqlens, max_seqlen, scale, short_backward):
     return qkv.new_empty(qkv.shape)
 
 
 def _setup_context_qkvpacked(ctx, inputs, output):
-    qkv, cu_seqlens, max_seqlen, scale = inputs
+    qkv, cu_seqlens, max_seqlen, scale, short_backward = inputs
     out, stats = output
     ctx.save_for_backward(qkv, out, stats, cu_seqlens)
-    ctx.max_seqlen, ctx.scale = max_seqlen, scale
+    ctx.max_seqlen, ctx.scale, ctx.short_backward = max_seqlen, scale, short_backward
     ctx.mark_non_differentiable(stats)
 
 
 def _backward_qkvpacked(ctx, dout, _dstats):
     qkv, out, stats, cu_seqlens = ctx.saved_tensors
-    return _qkvpacked_backward_op(dout, qkv, out, stats, cu_seqlens, ctx.max_seqlen, ctx.scale), None, None, None
+    dqkv = _qkvpacked_backward_op(dout, qkv, out, stats, cu_seqlens, ctx.max_seqlen, ctx.scale, ctx.short_backward)
+    return dqkv, None, None, None, None
 
 
 _qkvpacked_op.register_autograd(_backward_qkvpacked, setup_context=_setup_context_qkvpacked)
@@ -589,6 +735,7 @@ def varlen_attention(
     softmax_scale: Optional[float] = None,
     check_inputs: bool = True,
     return_lse: bool = False,
+    short_backward: Optional[bool] = None,
 ) -> Result:
     """Attention within each packed sequence (flash-attention's varlen interface, self-attention).
 
@@ -604,6 +751,10 @@ def varlen_attention(
             dtypes and devices are always checked, and the kernels never read or write outside the
             tensors whatever cu_seqlens holds (see the module docstring).
         return_lse: also return the logsumexp, as flash-attention's ``softmax_lse``.
+        short_backward: the backward of sequences longer than one block and up to a few (ViT-B/16
+            frames) runs as one program per (sequence, head) (kernel variant ``attn_bwd_short``, see
+            the module docstring); None: as ``STOP_FAST_KERNEL_VARIANTS`` says, off by default. Same
+            gradients (to rounding); the forward is unchanged.
     Returns:
         out (total_tokens, heads, head_dim) in q's dtype; with ``return_lse``, ``(out, lse)`` where
         ``lse[h, t] = log sum_j exp(scale * q[t, h] . k[j, h])`` over the keys j of t's sequence:
@@ -620,8 +771,9 @@ def varlen_attention(
         raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, {v.device}")
     scale = _check_common(q, cu_seqlens, max_seqlen, softmax_scale, check_inputs)
     max_seqlen = _as_int(max_seqlen)
+    short_backward = variant_enabled("attn_bwd_short", short_backward)
     if q.dtype in DTYPES and use_triton(q, k, v, cu_seqlens):
-        out, stats = _attn_op(q, k, v, cu_seqlens, max_seqlen, scale)
+        out, stats = _attn_op(q, k, v, cu_seqlens, max_seqlen, scale, short_backward)
         return (out, _lse_from_stats(stats)) if return_lse else out
     out, lse = _attention_torch(q, k, v, cu_seqlens, max_seqlen, scale, need_lse=return_lse)
     return (out, lse) if return_lse else out
@@ -635,6 +787,7 @@ def varlen_attention_qkvpacked(
     softmax_scale: Optional[float] = None,
     check_inputs: bool = True,
     return_lse: bool = False,
+    short_backward: Optional[bool] = None,
 ) -> Result:
     """:func:`varlen_attention` of ``qkv.unbind(1)``, for a fused QKV projection's output.
 
@@ -649,8 +802,9 @@ def varlen_attention_qkvpacked(
         raise ValueError(f"qkv must be (total_tokens, 3, heads, head_dim), got {tuple(qkv.shape)}")
     scale = _check_common(qkv[:, 0], cu_seqlens, max_seqlen, softmax_scale, check_inputs)
     max_seqlen = _as_int(max_seqlen)
+    short_backward = variant_enabled("attn_bwd_short", short_backward)
     if qkv.dtype in DTYPES and use_triton(qkv, cu_seqlens):
-        out, stats = _qkvpacked_op(qkv, cu_seqlens, max_seqlen, scale)
+        out, stats = _qkvpacked_op(qkv, cu_seqlens, max_seqlen, scale, short_backward)
         return (out, _lse_from_stats(stats)) if return_lse else out
     out, lse = _attention_torch(*qkv.unbind(1), cu_seqlens, max_seqlen, scale, need_lse=return_lse)
     return (out, lse) if return_lse else out
@@ -750,6 +904,13 @@ def compile_cases() -> List[CompileCase]:
                         f"attn_bwd_fused_d{head_dim}_{t}_b{block}w{warps}s{stages}", _attn_bwd_fused_kernel, sig,
                         dict(HEAD_DIM=head_dim, BLOCK=block, INTERPRETER=False), num_warps=warps, num_stages=stages,
                         aligned=_aligned(sig)))
+            sig = _signature(_attn_bwd_short_kernel, f"*{t}")  # kernel variant "attn_bwd_short"
+            for seq in _short_seqs(dtype, head_dim):
+                for bn, warps, stages in _gpu_short_candidates(dtype, head_dim, seq):
+                    cases.append(CompileCase(
+                        f"attn_bwd_short_d{head_dim}_{t}_s{seq}n{bn}w{warps}s{stages}", _attn_bwd_short_kernel, sig,
+                        dict(HEAD_DIM=head_dim, SEQ=seq, BLOCK_N=bn, INTERPRETER=False), num_warps=warps,
+                        num_stages=stages, aligned=_aligned(sig)))
             cases.append(CompileCase(f"attn_bwd_delta_d{head_dim}_{t}", _attn_bwd_delta_kernel,
                                      _signature(_attn_bwd_delta_kernel, f"*{t}"),
                                      dict(HEAD_DIM=head_dim, BLOCK_T=DELTA_ROWS),

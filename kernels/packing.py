@@ -33,6 +33,16 @@ bases by copying any misaligned view, and Triton marks the widths of the shipped
 16, as such), and few registers per thread (many programs in flight per SM): 64-bit scalar bases per
 program with 32-bit offsets inside a frame.
 
+Bucketed rows (``rows`` > total_tokens). The compiled encoder pads the packed rows to a bucket of a
+few static sizes (``stop_fast.model.fast.pad_to_bucket``); with ``F.pad`` that is a copy of the whole
+packed buffer forward and of its gradient backward (bf16, B = 32, T = 12: ~33 MB read and ~33 MB
+written each way at ViT-B/32, ~120 MB at ViT-B/16). With ``rows`` the forward kernel allocates the
+bucket and writes its zero rows itself: ``PAD`` adds programs past the frames' (grid axis 0 beyond
+F), each zeroing BLOCK_R rows from total_tokens; the frames' programs are unchanged. The backward
+kernel reads only the frames' rows of the (rows, D) gradient, so it takes the encoder's gradient as
+it comes, without the slice copy. The fast path packs this way under the kernel variant
+``pack_bucketed`` (``STOP_FAST_KERNEL_VARIANTS=pack_bucketed``), off by default until a GPU measures it.
+
 Robustness with ``check_inputs=False``: counts are clamped to 0..rho, the k indices only ever match
 rows 1..N, output rows outside 0..total_tokens-1 are masked, so no bad value makes a kernel read or
 write out of bounds (it only makes the result wrong).
@@ -46,6 +56,7 @@ from __future__ import annotations
 from typing import List, Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from ._triton import jit, round_to, tl, triton
 from .aot import CompileCase, pointers
@@ -127,14 +138,31 @@ def _zero_orphan_slots(idx_ptr, dgate_ptr, dintra_ptr, f, N, K, D,
 
 
 @jit
+def _zero_rows(x_ptr, first, end, D, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, ALIGNED: tl.constexpr):
+    """Zeros into rows ``first .. first + BLOCK_R`` of x that lie below ``end`` (the bucket's padding)."""
+    rows = tl.arange(0, BLOCK_R)
+    ok = first + rows < end
+    x_ptr += first * D
+    zero = tl.zeros([BLOCK_R, BLOCK_D], dtype=x_ptr.dtype.element_ty)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        tl.store(_vec(x_ptr + rows[:, None] * D + cols[None, :], ALIGNED), zero, mask=ok[:, None] & (cols[None, :] < D))
+
+
+@jit
 def _pack_fwd_kernel(
     z_ptr, counts_ptr, cu_ptr, idx_ptr, gate_ptr, intra_ptr, inter_ptr, x_ptr,
-    total_tokens, N, D, K, RHO,
+    total_tokens, N, D, K, RHO, frames, rows_out,
     HAS_INTRA: tl.constexpr, HAS_INTER: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr, ALIGNED: tl.constexpr,
-    INTERPRETER: tl.constexpr,
+    INTERPRETER: tl.constexpr, PAD: tl.constexpr,
 ):
     f = tl.program_id(0)
+    if PAD:  # programs past the frames write the zero rows total_tokens .. rows_out (kernel variant "pack_bucketed")
+        if f >= frames:
+            block = (f - frames) * tl.num_programs(1) + tl.program_id(1)
+            _zero_rows(x_ptr, total_tokens + block.to(tl.int64) * BLOCK_R, rows_out, D, BLOCK_R, BLOCK_D, ALIGNED)
+            return
     rows = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
     start, exists = _frame_rows(counts_ptr, cu_ptr, f, rows, N, RHO, HAS_INTER)
     out_row = start + rows
@@ -246,30 +274,36 @@ def _aligned(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     return t.clone()
 
 
-def _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter) -> torch.Tensor:
+def _launch_forward(z, counts, cu_seqlens, total_tokens, rows, topk_idx, gate, intra, inter) -> torch.Tensor:
+    """x (rows, D): the packed frames in rows 0 .. total_tokens, zeros below (rows > total_tokens:
+    the kernel variant "pack_bucketed"; extra programs past the frames write the zero rows)."""
     frames, length, width = z.shape
     n = length - 1
     k = topk_idx.shape[1] if topk_idx is not None else 0
     rho = inter.shape[1] if inter is not None else 0
-    x = torch.empty(total_tokens, width, dtype=z.dtype, device=z.device)
+    pad = rows - total_tokens
     if total_tokens == 0 or frames == 0 or width == 0:
-        return x
+        return torch.zeros(rows, width, dtype=z.dtype, device=z.device)
+    x = torch.empty(rows, width, dtype=z.dtype, device=z.device)
     z, intra, inter = _aligned(z), _aligned(intra), _aligned(inter)
     dummy = z  # never dereferenced when the matching constexpr flag is off
-    grid = (frames, triton.cdiv(length + rho, BLOCK_R))
-    _pack_fwd_kernel[grid](
+    blocks = triton.cdiv(length + rho, BLOCK_R)
+    pad_programs = triton.cdiv(triton.cdiv(pad, BLOCK_R), blocks) if pad > 0 else 0
+    _pack_fwd_kernel[(frames + pad_programs, blocks)](
         z, counts, cu_seqlens,
         topk_idx if k else dummy, gate if k else dummy, intra if k else dummy, inter if rho else dummy,
-        x, total_tokens, n, width, max(k, 1), max(rho, 1),
+        x, total_tokens, n, width, max(k, 1), max(rho, 1), frames, rows,
         HAS_INTRA=k > 0, HAS_INTER=rho > 0,
         BLOCK_R=BLOCK_R, BLOCK_D=_block_d(z.dtype), BLOCK_K=BLOCK_K,
         ALIGNED=_row_aligned(width, z.dtype, *([intra.dtype] if k else [])), INTERPRETER=interpreter_enabled(),
-        num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        PAD=pad > 0, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
     )
     return x
 
 
 def _launch_backward(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
+    """The gradients of z, gate, intra, inter from dx: (total_tokens, D), or (rows, D) with the
+    bucket's padding rows, which no frame reads (their gradient is dropped, no copy of dx)."""
     frames, length, width = z.shape
     n = length - 1
     k = topk_idx.shape[1] if topk_idx is not None else 0
@@ -309,11 +343,18 @@ def pack_sequences_reference(
     inter: Optional[torch.Tensor] = None,
     *,
     check_inputs: bool = True,
+    rows: Optional[int] = None,
 ) -> torch.Tensor:
     """The same function in plain PyTorch, differentiable by autograd (float64 included): what runs
     where Triton cannot, and the tests' ground truth. Same signature as :func:`pack_sequences`."""
     if check_inputs:
         _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter, True)
+    rows = _check_rows(rows, total_tokens)
+    x = _pack_torch(z, counts, topk_idx, gate, intra, inter)
+    return F.pad(x, (0, 0, 0, rows - total_tokens)) if rows != total_tokens else x
+
+
+def _pack_torch(z, counts, topk_idx, gate, intra, inter) -> torch.Tensor:
     frames, length, width = z.shape
     e = z[:, 1:]
     if topk_idx is not None:
@@ -332,16 +373,16 @@ def pack_sequences_reference(
 # --------------------------------------------------------------------------- custom ops + autograd (Triton)
 @torch.library.custom_op("stop_fast::pack_sequences", mutates_args=())
 def _pack_op(
-    z: torch.Tensor, counts: torch.Tensor, cu_seqlens: torch.Tensor, total_tokens: int,
+    z: torch.Tensor, counts: torch.Tensor, cu_seqlens: torch.Tensor, total_tokens: int, rows: int,
     topk_idx: Optional[torch.Tensor], gate: Optional[torch.Tensor],
     intra: Optional[torch.Tensor], inter: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    return _launch_forward(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
+    return _launch_forward(z, counts, cu_seqlens, total_tokens, rows, topk_idx, gate, intra, inter)
 
 
 @_pack_op.register_fake
-def _(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter):
-    return z.new_empty(total_tokens, z.shape[-1])
+def _(z, counts, cu_seqlens, total_tokens, rows, topk_idx, gate, intra, inter):
+    return z.new_empty(rows, z.shape[-1])
 
 
 @torch.library.custom_op("stop_fast::pack_sequences_backward", mutates_args=())
@@ -365,7 +406,7 @@ def _(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter):
 
 
 def _setup_context(ctx, inputs, output):
-    z, counts, cu_seqlens, _, topk_idx, gate, intra, inter = inputs
+    z, counts, cu_seqlens, _, _, topk_idx, gate, intra, inter = inputs
     # z itself is not needed by the backward, only its shape and dtype: save a 0-stride stand-in
     ctx.save_for_backward(z.new_empty(()).expand(z.shape), counts, cu_seqlens, topk_idx, gate, intra, inter)
 
@@ -374,7 +415,7 @@ def _backward(ctx, dx):
     z, counts, cu_seqlens, topk_idx, gate, intra, inter = ctx.saved_tensors
     dz, dgate, dintra, dinter = _pack_backward_op(dx, z, counts, cu_seqlens, topk_idx, gate, intra, inter)
     return (
-        dz, None, None, None, None,
+        dz, None, None, None, None, None,
         dgate if gate is not None else None,
         dintra if intra is not None else None,
         dinter if inter is not None else None,
@@ -437,6 +478,7 @@ def pack_sequences(
     inter: Optional[torch.Tensor] = None,
     *,
     check_inputs: bool = True,
+    rows: Optional[int] = None,
 ) -> torch.Tensor:
     """Write ``[Z_t[0] ; E~_t ; G_t[:n_t]]`` of every frame into one packed ``(total_tokens, D)`` tensor.
 
@@ -452,13 +494,19 @@ def pack_sequences(
             counts and total_tokens), which costs host syncs. Shapes, dtypes, devices and contiguity
             are always checked. With False, bad values give a wrong result but never an
             out-of-bounds access.
+        rows: the output's row count, >= total_tokens (default: total_tokens). Rows from
+            total_tokens on are zeros that the same kernel writes (a bucket's padding, see
+            ``stop_fast.model.fast.bucket_rows``: the kernel variant ``pack_bucketed`` packs straight
+            into the bucket instead of padding with ``F.pad``, a copy forward and backward fewer);
+            their gradient is dropped.
     Returns:
-        (total_tokens, D) in z's dtype. Differentiable w.r.t. z, gate, intra and inter.
+        (rows, D) in z's dtype. Differentiable w.r.t. z, gate, intra and inter.
     """
     _validate(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter, check_inputs)
+    rows = _check_rows(rows, total_tokens)
     if z.dtype == torch.float64 or not use_triton(z):
         return pack_sequences_reference(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter,
-                                        check_inputs=False)
+                                        check_inputs=False, rows=rows)
     # The kernels take gates in fp32, prompts in z's dtype or fp32 and temporal tokens in z's dtype,
     # so a few compiled variants cover every dtype mix. These casts are exact where the semantics
     # round anyway (the overlay is computed in fp32; inter is cast to z's dtype), and autograd casts
@@ -470,7 +518,7 @@ def pack_sequences(
             intra = intra.to(torch.float32)
     if inter is not None:
         inter = inter.to(z.dtype)
-    return _pack_op(z, counts, cu_seqlens, total_tokens, topk_idx, gate, intra, inter)
+    return _pack_op(z, counts, cu_seqlens, total_tokens, rows, topk_idx, gate, intra, inter)
 
 
 def gather_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, *, check_inputs: bool = True) -> torch.Tensor:
@@ -490,6 +538,15 @@ def gather_rows(x: torch.Tensor, cu_seqlens: torch.Tensor, *, check_inputs: bool
     if check_inputs and starts.numel() and (starts.min() < 0 or starts.max() >= x.shape[0]):
         raise ValueError(f"cu_seqlens[:-1] must index rows of x (0..{x.shape[0] - 1})")
     return x.index_select(0, starts)
+
+
+def _check_rows(rows, total_tokens):
+    """``rows`` as given (an int or SymInt >= total_tokens), or total_tokens when None."""
+    if rows is None:
+        return total_tokens
+    if isinstance(rows, bool) or not isinstance(rows, (int, torch.SymInt)) or rows < total_tokens:
+        raise ValueError(f"rows must be an int >= total_tokens = {total_tokens}, got {rows!r}")
+    return rows
 
 
 def _describe(t) -> str:
@@ -576,17 +633,21 @@ def compile_cases() -> List[CompileCase]:
                                   BLOCK_D=_block_d(dtype), BLOCK_K=BLOCK_K, ALIGNED=aligned, INTERPRETER=False)
                 cexpr = {name: "constexpr" for name in constexprs}
                 ints = {"total_tokens": "i32", "N": "i32", "D": "i32", "K": "i32", "RHO": "i32"}
+                fwd_ints = {**ints, "frames": "i32", "rows_out": "i32"}
                 tag = f"{t}_intra{p if has_intra else 0}_inter{int(has_inter)}_{'aligned' if aligned else 'any'}"
                 fwd = {"z_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
                        "gate_ptr": "*fp32", "intra_ptr": f"*{p}", "inter_ptr": f"*{t}", "x_ptr": f"*{t}",
-                       **ints, **cexpr}
+                       **fwd_ints, **cexpr, "PAD": "constexpr"}
                 bwd = {"dx_ptr": f"*{t}", "counts_ptr": "*i32", "cu_ptr": "*i32", "idx_ptr": "*i64",
                        "gate_ptr": "*fp32", "intra_ptr": f"*{p}", "dz_ptr": f"*{t}", "dgate_ptr": "*fp32",
                        "dintra_ptr": f"*{p}", "dinter_ptr": f"*{t}", **ints, **cexpr}
-                for name, kernel, sig in (("fwd", _pack_fwd_kernel, fwd), ("bwd", _pack_bwd_kernel, bwd)):
+                # the forward also with PAD (kernel variant "pack_bucketed": zero rows up to the bucket)
+                for name, kernel, sig, extra in (("fwd", _pack_fwd_kernel, fwd, dict(PAD=False)),
+                                                 ("fwd", _pack_fwd_kernel, fwd, dict(PAD=True)),
+                                                 ("bwd", _pack_bwd_kernel, bwd, {})):
                     # the wrappers pass 16-byte aligned bases; D (128, 768, 1024) is a multiple of 16
                     # where rows are aligned
-                    cases.append(CompileCase(f"pack_{name}_{tag}", kernel, sig, constexprs, num_warps=NUM_WARPS,
-                                             num_stages=NUM_STAGES,
+                    cases.append(CompileCase(f"pack_{name}_{tag}" + ("_pad" if extra.get("PAD") else ""), kernel, sig,
+                                             {**constexprs, **extra}, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
                                              aligned=pointers(sig) + (("D",) if aligned else ())))
     return cases

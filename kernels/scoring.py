@@ -19,6 +19,25 @@ leave a rank per row. Gate, selected indices and variation are scattered out by 
 is nearly all of the memory traffic. A, Dyn and S are written out (3 x 4 bytes per patch against the
 2 x D bytes of ``u``): tests and plots use A and S, the backward needs Dyn and S.
 
+Kernel (forward, split: the kernel variant ``scoring_split``, off by default until a GPU measures it;
+``split=True`` or ``STOP_FAST_KERNEL_VARIANTS=scoring_split``).
+The one-program-per-frame forward does not fill a GPU at ViT-B/16 (N = 196): 384 frames make 384
+programs of 16 warps at ~100 registers, about one per SM, each streaming its 197 x 768 tile of ``u``
+through 48 dependent chunks, so few bytes are in flight per SM (H100: 0.70 ms per step, slower than
+eager PyTorch's 0.49 ms). Nearly all the work is the logits GEMV ``u . keys^T``, which does not care
+about frame boundaries; everything after it is O(N) per frame. So the split forward runs two kernels:
+pass 1 treats ``u`` as one (F (N+1), D) matrix and gives each program BLOCK_M = 64 consecutive rows
+(1,182 programs of 4 warps at ViT-B/16, several per SM: the loads of many programs overlap), writing
+the fp32 logits with the bias added, (F (N+1), heads): 48 bytes a row against the 1,536 bytes of bf16
+``u`` it read. Pass 2 is one light program per frame (4 warps; 8 past 256 rows) that loads its
+(N+1) x heads logits and runs exactly the original kernel's tail (one shared ``_frame_selection``:
+softmax per head, mean, Dyn, S, k rounds of arg-max with the lowest index on ties, gate, variation).
+Same function, same dot precision (tf32x3); only the order of the column chunks in the dot differs
+(32 columns a step instead of 16 or 32), so results agree to rounding and R agrees wherever the
+K-th and (K+1)-th scores are not a near-tie. The backward kernel is the same for both forwards. For
+small N (ViT-B/32's 49 patches: 1,536 programs of 8 warps) the one-pass kernel already fills the
+GPU; the split variant serves every N but targets N = 196 and up.
+
 Kernel (backward): one program per frame, registers only, visiting the k slots 16 at a time. With G = sum_{r in R} S[r] and upstream
 dg, dv:  dS[R_i] = k dg_i / G - k (sum_j dg_j S[R_j]) / G^2,  dDyn = alpha dS,
 d dyn_logits = Dyn * (dDyn - <Dyn, dDyn>),  dW[j] = dv / N * sign(W[j]) * (1 + beta M[j]).
@@ -33,7 +52,7 @@ import torch
 
 from ._triton import jit, round_to, tl, triton
 from .aot import CompileCase, pointers
-from .dispatch import interpreter_enabled, use_triton
+from .dispatch import interpreter_enabled, use_triton, variant_enabled
 
 
 class PatchScores(NamedTuple):
@@ -46,32 +65,14 @@ class PatchScores(NamedTuple):
 
 
 @jit
-def _scores_fwd_kernel(
-    u_ptr, keys_ptr, bias_ptr, dyn_logits_ptr, w_ptr,
-    attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
-    N, D, H, K, alpha, beta,
-    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
-    PRECISION: tl.constexpr,
+def _frame_selection(
+    logits, f, rows, patch, head_ok,
+    dyn_logits_ptr, w_ptr, attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
+    N, H, K, alpha, beta,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    f = tl.program_id(0).to(tl.int64)
-    rows = tl.arange(0, BLOCK_N)  # token j = 0..N; patch j-1 for j >= 1
-    heads = tl.arange(0, BLOCK_H)
-    row_ok = rows <= N
-    patch = (rows >= 1) & row_ok
-    head_ok = heads < H
-
-    # logits[j, h] = u[j] . keys[h]: stream u through in BLOCK_D chunks
-    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
-    u_base = u_ptr + f * (N + 1) * D
-    for d0 in range(0, D, BLOCK_D):
-        cols = d0 + tl.arange(0, BLOCK_D)
-        col_ok = cols < D
-        u = tl.load(u_base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-        kt = tl.load(keys_ptr + heads[None, :] * D + cols[:, None], mask=head_ok[None, :] & col_ok[:, None], other=0.0)
-        acc = tl.dot(u.to(tl.float32), kt.to(tl.float32), acc, input_precision=PRECISION)
-    bias = tl.load(bias_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
-    logits = tl.where(row_ok[:, None], acc + bias[None, :], float("-inf"))
-
+    """Everything of frame ``f`` after its CLS logits ``(BLOCK_N, BLOCK_H)`` (rows past N+1 at -inf):
+    A, Dyn, S, top-k with its gate, and the variation, stored by rank. Shared by both forwards."""
     # A: per-head softmax over the N+1 keys, averaged over the real heads
     m = tl.max(logits, axis=0)
     p = tl.exp(logits - m[None, :])
@@ -107,6 +108,86 @@ def _scores_fwd_kernel(
         w = tl.load(w_ptr + out_off, mask=patch, other=0.0).to(tl.float32)
         weight = tl.where(selected, 1.0 + beta, 1.0)
         tl.store(var_ptr + f, tl.sum(tl.abs(w) * weight, axis=0) / N)
+
+
+@jit
+def _scores_fwd_kernel(
+    u_ptr, keys_ptr, bias_ptr, dyn_logits_ptr, w_ptr,
+    attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
+    N, D, H, K, alpha, beta,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    f = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)  # token j = 0..N; patch j-1 for j >= 1
+    heads = tl.arange(0, BLOCK_H)
+    row_ok = rows <= N
+    patch = (rows >= 1) & row_ok
+    head_ok = heads < H
+
+    # logits[j, h] = u[j] . keys[h]: stream u through in BLOCK_D chunks
+    acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+    u_base = u_ptr + f * (N + 1) * D
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        u = tl.load(u_base + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        kt = tl.load(keys_ptr + heads[None, :] * D + cols[:, None], mask=head_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = tl.dot(u.to(tl.float32), kt.to(tl.float32), acc, input_precision=PRECISION)
+    bias = tl.load(bias_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
+    logits = tl.where(row_ok[:, None], acc + bias[None, :], float("-inf"))
+    _frame_selection(logits, f, rows, patch, head_ok,
+                     dyn_logits_ptr, w_ptr, attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
+                     N, H, K, alpha, beta, HAS_W, BLOCK_N)
+
+
+@jit
+def _scores_logits_kernel(
+    u_ptr, keys_ptr, bias_ptr, logits_ptr,
+    rows_total, D, H,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_H: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """Split forward, pass 1: the CLS logits ``u[r] . keys[h] + bias[h]`` of BLOCK_M consecutive rows of
+    the flattened (F (N+1), D) ``u``, whatever frames they belong to, into (F (N+1), H) fp32."""
+    row0 = tl.program_id(0).to(tl.int64) * BLOCK_M
+    rows = tl.arange(0, BLOCK_M)
+    heads = tl.arange(0, BLOCK_H)
+    row_ok = row0 + rows < rows_total
+    head_ok = heads < H
+    u_ptr += row0 * D  # 64-bit base per program, 32-bit offsets in the tile
+    acc = tl.zeros([BLOCK_M, BLOCK_H], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        cols = d0 + tl.arange(0, BLOCK_D)
+        col_ok = cols < D
+        u = tl.load(u_ptr + rows[:, None] * D + cols[None, :], mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        kt = tl.load(keys_ptr + heads[None, :] * D + cols[:, None], mask=head_ok[None, :] & col_ok[:, None], other=0.0)
+        acc = tl.dot(u.to(tl.float32), kt.to(tl.float32), acc, input_precision=PRECISION)
+    bias = tl.load(bias_ptr + heads, mask=head_ok, other=0.0).to(tl.float32)
+    logits_ptr += row0 * H
+    tl.store(logits_ptr + rows[:, None] * H + heads[None, :], acc + bias[None, :], mask=row_ok[:, None] & head_ok[None, :])
+
+
+@jit
+def _scores_select_kernel(
+    logits_ptr, dyn_logits_ptr, w_ptr,
+    attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
+    N, H, K, alpha, beta,
+    HAS_W: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Split forward, pass 2: one program per frame, from its (N+1, H) logits on, exactly the tail of
+    ``_scores_fwd_kernel`` (the same ``_frame_selection``)."""
+    f = tl.program_id(0).to(tl.int64)
+    rows = tl.arange(0, BLOCK_N)
+    heads = tl.arange(0, BLOCK_H)
+    row_ok = rows <= N
+    patch = (rows >= 1) & row_ok
+    head_ok = heads < H
+    logits_ptr += f * (N + 1) * H
+    logits = tl.load(logits_ptr + rows[:, None] * H + heads[None, :], mask=row_ok[:, None] & head_ok[None, :], other=0.0)
+    logits = tl.where(row_ok[:, None], logits, float("-inf"))
+    _frame_selection(logits, f, rows, patch, head_ok,
+                     dyn_logits_ptr, w_ptr, attn_ptr, dyn_ptr, score_ptr, topk_ptr, gate_ptr, var_ptr,
+                     N, H, K, alpha, beta, HAS_W, BLOCK_N)
 
 
 @jit
@@ -180,7 +261,19 @@ def _num_warps(block_n: int) -> int:
 NUM_STAGES = 3
 
 
-def _launch_forward(u, keys, bias, dyn_logits, w, k, alpha, beta):
+# The split forward (kernel variant "scoring_split"). Pass 1 over BLOCK_M rows x BLOCK_D columns of u
+# per step, 4 warps: 70 registers (bf16 u) / 72 (fp32) on sm_90, 24-32 KB of shared memory, so several
+# programs share an SM and ViT-B/16's 384 frames make ~1,200 programs. Wider chunks double the
+# registers (64 columns: 124-134) and 128 columns spill. Pass 2 holds one frame's (N+1) x heads tile.
+SPLIT_BLOCK_M, SPLIT_BLOCK_D, SPLIT_WARPS = 64, 32, 4
+
+
+def _select_warps(block_n: int) -> int:
+    # ptxas, sm_90: 40-56 registers up to 256 rows over 4 warps; 512 rows need 8 (4 warps: 118-140)
+    return 4 if block_n <= 256 else 8
+
+
+def _launch_forward(u, keys, bias, dyn_logits, w, k, alpha, beta, split=False):
     frames, length, width = u.shape
     n, heads = length - 1, keys.shape[0]
     dev = u.device
@@ -193,12 +286,28 @@ def _launch_forward(u, keys, bias, dyn_logits, w, k, alpha, beta):
     if frames == 0:
         return attn, dyn, score, topk, gate, var
     block_n, block_d, block_h = _fwd_blocks(n, heads, width)
+    precision = "ieee" if interpreter_enabled() else "tf32x3"
+    if split:
+        rows = frames * length
+        logits = torch.empty(rows, heads, dtype=torch.float32, device=dev)
+        _scores_logits_kernel[(triton.cdiv(rows, SPLIT_BLOCK_M),)](
+            u, keys, bias, logits, rows, width, heads,
+            BLOCK_M=SPLIT_BLOCK_M, BLOCK_D=SPLIT_BLOCK_D, BLOCK_H=block_h, PRECISION=precision,
+            num_warps=SPLIT_WARPS, num_stages=NUM_STAGES,
+        )
+        _scores_select_kernel[(frames,)](
+            logits, dyn_logits, w if w is not None else dyn_logits,
+            attn, dyn, score, topk, gate, var if w is not None else gate,
+            n, heads, k, float(alpha), float(beta),
+            HAS_W=w is not None, BLOCK_N=block_n, BLOCK_H=block_h,
+            num_warps=_select_warps(block_n), num_stages=NUM_STAGES,
+        )
+        return attn, dyn, score, topk, gate, var
     _scores_fwd_kernel[(frames,)](
         u, keys, bias, dyn_logits, w if w is not None else dyn_logits,
         attn, dyn, score, topk, gate, var if w is not None else gate,
         n, width, heads, k, float(alpha), float(beta),
-        HAS_W=w is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h,
-        PRECISION="ieee" if interpreter_enabled() else "tf32x3",
+        HAS_W=w is not None, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_H=block_h, PRECISION=precision,
         num_warps=_num_warps(block_n), num_stages=NUM_STAGES,
     )
     return attn, dyn, score, topk, gate, var
@@ -252,13 +361,13 @@ def _patch_scores_fp32(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha
 @torch.library.custom_op("stop_fast::patch_scores", mutates_args=())
 def _scores_op(
     u: torch.Tensor, cls_keys: torch.Tensor, cls_bias: torch.Tensor, dyn_logits: torch.Tensor,
-    inter_logits: Optional[torch.Tensor], k: int, alpha: float, beta: float,
+    inter_logits: Optional[torch.Tensor], k: int, alpha: float, beta: float, split: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _launch_forward(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta)
+    return _launch_forward(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta, split)
 
 
 @_scores_op.register_fake
-def _(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta):
+def _(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta, split):
     frames, n = dyn_logits.shape
     acc = torch.promote_types(torch.promote_types(u.dtype, dyn_logits.dtype), torch.float32)
     maps = [u.new_empty(frames, n, dtype=acc) for _ in range(3)]
@@ -280,7 +389,7 @@ def _(dgate, dvar, dyn, score, topk_idx, dyn_logits, inter_logits, k, alpha, bet
 
 
 def _setup_context(ctx, inputs, output):
-    _, _, _, dyn_logits, inter_logits, k, alpha, beta = inputs
+    _, _, _, dyn_logits, inter_logits, k, alpha, beta, _ = inputs
     _, dyn, score, topk, _, _ = output
     ctx.save_for_backward(dyn, score, topk, dyn_logits, inter_logits)
     ctx.k, ctx.alpha, ctx.beta = k, alpha, beta
@@ -295,7 +404,7 @@ def _backward(ctx, _dattn, _ddyn, _dscore, _dtopk, dgate, dvar):
     if dvar is None or (ctx.has_w and dvar.numel() == 0):
         dvar = score.new_zeros(score.shape[0] if ctx.has_w else 0)
     d_logits, dw = _scores_backward_op(dgate, dvar, dyn, score, topk, dyn_logits, inter_logits, ctx.k, ctx.alpha, ctx.beta)
-    return None, None, None, d_logits, (dw if ctx.has_w else None), None, None, None
+    return None, None, None, d_logits, (dw if ctx.has_w else None), None, None, None, None
 
 
 _scores_op.register_autograd(_backward, setup_context=_setup_context)
@@ -313,6 +422,7 @@ def patch_scores(
     beta: float,
     *,
     check_inputs: bool = True,
+    split: Optional[bool] = None,
 ) -> PatchScores:
     """Score the patches of F frames and pick the top k of each (see the module docstring).
 
@@ -324,13 +434,18 @@ def patch_scores(
         k: patches to select, 1..N. alpha in [0, 1], beta >= 0.
         check_inputs: also scan the float inputs for NaN/Inf (costs a host sync); shapes, dtypes,
             devices and ranges of the scalars are always checked.
+        split: run the two-pass forward (kernel variant ``scoring_split``, see the module docstring);
+            None: as ``STOP_FAST_KERNEL_VARIANTS`` says (``dispatch.variant_enabled``), off by default.
+            Same results; only the Triton forward differs (the backward kernel is shared).
     Returns :class:`PatchScores`; ``gate`` and ``variation`` carry gradient to ``dyn_logits`` and
     ``inter_logits``; nothing flows into ``u`` or the keys.
     """
     _validate(u, cls_keys, cls_bias, dyn_logits, inter_logits, k, alpha, beta, check_inputs)
+    split = variant_enabled("scoring_split", split)
     if torch.float64 in (u.dtype, dyn_logits.dtype) or not use_triton(u):
         return patch_scores_reference(u, cls_keys, cls_bias, dyn_logits, inter_logits, int(k), float(alpha), float(beta))
-    attn, dyn, score, topk, gate, var = _scores_op(u, cls_keys, cls_bias, dyn_logits, inter_logits, int(k), float(alpha), float(beta))
+    attn, dyn, score, topk, gate, var = _scores_op(u, cls_keys, cls_bias, dyn_logits, inter_logits, int(k), float(alpha),
+                                                   float(beta), split)
     return PatchScores(attn, dyn, score, topk, gate, var if inter_logits is not None else None)
 
 
@@ -414,4 +529,27 @@ def compile_cases() -> List[CompileCase]:
             cases.append(CompileCase(f"scores_bwd_{model}_w{int(has_w)}", _scores_bwd_kernel, sig, consts,
                                      num_warps=_num_warps(block), num_stages=NUM_STAGES,
                                      aligned=_aligned(sig, dict(N=n, K=6))))
+    # the split forward (kernel variant "scoring_split"): pass 1 depends only on u's dtype and the
+    # padded head count, pass 2 on the frame's padded row count
+    for block_h in sorted({_fwd_blocks(n, heads, width)[2] for n, heads, width in shapes.values()}):
+        for t, ptr in types.items():
+            sig = {"u_ptr": ptr, "keys_ptr": "*fp32", "bias_ptr": "*fp32", "logits_ptr": "*fp32",
+                   "rows_total": "i32", "D": "i32", "H": "i32",
+                   "BLOCK_M": "constexpr", "BLOCK_D": "constexpr", "BLOCK_H": "constexpr", "PRECISION": "constexpr"}
+            consts = dict(BLOCK_M=SPLIT_BLOCK_M, BLOCK_D=SPLIT_BLOCK_D, BLOCK_H=block_h, PRECISION="tf32x3")
+            cases.append(CompileCase(f"scores_split_logits_{t}_h{block_h}", _scores_logits_kernel, sig, consts,
+                                     num_warps=SPLIT_WARPS, num_stages=NUM_STAGES,
+                                     aligned=_aligned(sig, dict(D=768))))
+    for model, (n, heads, width) in shapes.items():
+        block_n, _, block_h = _fwd_blocks(n, heads, width)
+        for has_w in (True, False):
+            sig = {"logits_ptr": "*fp32", "dyn_logits_ptr": "*fp32", "w_ptr": "*fp32",
+                   "attn_ptr": "*fp32", "dyn_ptr": "*fp32", "score_ptr": "*fp32", "topk_ptr": "*i64",
+                   "gate_ptr": "*fp32", "var_ptr": "*fp32",
+                   "N": "i32", "H": "i32", "K": "i32", "alpha": "fp32", "beta": "fp32",
+                   "HAS_W": "constexpr", "BLOCK_N": "constexpr", "BLOCK_H": "constexpr"}
+            consts = dict(HAS_W=has_w, BLOCK_N=block_n, BLOCK_H=block_h)
+            cases.append(CompileCase(f"scores_split_select_{model}_w{int(has_w)}", _scores_select_kernel, sig, consts,
+                                     num_warps=_select_warps(block_n), num_stages=NUM_STAGES,
+                                     aligned=_aligned(sig, dict(N=n, H=heads, K=6))))
     return cases

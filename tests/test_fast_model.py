@@ -20,6 +20,7 @@ from stop_fast.model.fast import (
     cls_block,
     cls_keys,
     fast_forward,
+    folded_cls_keys,
     packed_block,
     pad_to_bucket,
 )
@@ -279,10 +280,15 @@ def test_folded_cls_keys_are_cached_until_the_backbone_changes():
         model.visual.transformer.resblocks[0].attn.in_proj_weight.mul_(1.5)  # edited in place
     edited = cls_keys(model, torch.float32)[0]
     assert edited is not keys and not torch.allclose(edited, keys)
-    model.double()
-    assert model._cls_keys_cache is None and cls_keys(model, torch.float64)[0].dtype == torch.float64
+    model.double()  # .to() forgets the cached keys (a storage could come back at the same address)
+    doubled = cls_keys(model, torch.float64)[0]
+    assert doubled.dtype == torch.float64 and torch.allclose(doubled.float(), edited, rtol=1e-5, atol=1e-6)
     model.float().cast_backbone(torch.bfloat16)
-    assert cls_keys(model, torch.bfloat16)[0].dtype == torch.float32  # the chain stays fp32
+    rounded = cls_keys(model, torch.bfloat16)[0]
+    assert rounded.dtype == torch.float32  # the chain stays fp32
+    model.cast_backbone(torch.float32)  # back to fp32, but bf16-rounded: the keys follow the rounded weights
+    torch.testing.assert_close(cls_keys(model, torch.float32)[0],
+                               folded_cls_keys(model.visual, torch.float32)[0], rtol=0, atol=0)
 
 
 def test_pluggable_attention_gets_strided_views():

@@ -26,6 +26,7 @@ stage has static shapes; compiling ``fast_forward`` whole turns the count into a
 """
 from __future__ import annotations
 
+import weakref
 from typing import TYPE_CHECKING, Callable, Dict, NamedTuple, Optional, Tuple
 
 import torch
@@ -91,20 +92,32 @@ def _frozen_state(visual) -> tuple:
     return tuple((t.device, t.dtype, t.data_ptr(), t._version) for t in tensors)
 
 
+# folded_cls_keys per vision tower and token dtype: {visual: {dtype: (frozen state, (keys, bias))}}. Weak
+# keys: a backbone that is gone takes its entry with it.
+_CLS_KEYS: "weakref.WeakKeyDictionary[torch.nn.Module, Dict[torch.dtype, tuple]]" = weakref.WeakKeyDictionary()
+
+
 def cls_keys(model: "STOP", token_dtype: torch.dtype) -> Tuple[torch.Tensor, torch.Tensor]:
     """``folded_cls_keys`` of the model's backbone for tokens of ``token_dtype``, computed once and
     reused until the backbone's weights move, change dtype or are edited in place (``STOP`` also
-    drops the cache on ``.to()`` and ``load_state_dict``)."""
-    cache = model._cls_keys_cache
+    calls :func:`forget_cls_keys` on ``.to()``, ``cast_backbone`` and ``load_state_dict``, where a
+    freed storage could come back at the same address)."""
+    visual = model.visual
+    cache = _CLS_KEYS.get(visual)
     if torch.compiler.is_compiling():  # traced code cannot read storage pointers; use what eager cached
         cached = cache.get(token_dtype) if cache else None
-        return cached[1] if cached is not None else folded_cls_keys(model.visual, token_dtype)
-    state = _frozen_state(model.visual)
+        return cached[1] if cached is not None else folded_cls_keys(visual, token_dtype)
+    state = _frozen_state(visual)
     cached = cache.get(token_dtype) if cache else None
     if cached is None or cached[0] != state:
-        cached = (state, folded_cls_keys(model.visual, token_dtype))
-        model._cls_keys_cache = {**(cache or {}), token_dtype: cached}
+        cached = (state, folded_cls_keys(visual, token_dtype))
+        _CLS_KEYS[visual] = {**(cache or {}), token_dtype: cached}
     return cached[1]
+
+
+def forget_cls_keys(visual: torch.nn.Module) -> None:
+    """Drop the cached ``folded_cls_keys`` of a vision tower (its frozen weights are about to change)."""
+    _CLS_KEYS.pop(visual, None)
 
 
 class PackedSizes:
@@ -161,20 +174,17 @@ def static_layout(counts: torch.Tensor, tokens_per_frame: int, rho: int) -> Tupl
     return cu.to(torch.int32), frames * longest, longest, starts
 
 
-# The one place the packed blocks call attention; the qkv-packed entry takes the fused projection
-# output itself (and its backward writes one (total, 3, heads, head_dim) gradient).
-_QKV_PACKED = getattr(kernels, "varlen_attention_qkvpacked", None)
-
-
 def packed_attention(qkv: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
                      attention: Optional[Attention] = None) -> torch.Tensor:
-    """``qkv`` (total_tokens, 3, heads, head_dim) -> attention output (total_tokens, heads, head_dim)."""
-    if attention is None and _QKV_PACKED is not None:
-        return _QKV_PACKED(qkv, cu_seqlens, max_seqlen, check_inputs=False)
+    """``qkv`` (total_tokens, 3, heads, head_dim) -> attention output (total_tokens, heads, head_dim).
+
+    The one place the packed blocks call attention: the qkv-packed kernel entry takes the fused
+    projection output itself (and its backward writes one (total, 3, heads, head_dim) gradient);
+    ``attention`` (a benchmark's or test's ``(q, k, v, cu_seqlens, max_seqlen)`` callable) replaces it."""
+    if attention is None:
+        return kernels.varlen_attention_qkvpacked(qkv, cu_seqlens, max_seqlen, check_inputs=False)
     q, k, v = qkv.unbind(1)  # strided views, last dim contiguous: no copies
-    if attention is not None:
-        return attention(q, k, v, cu_seqlens, max_seqlen)
-    return kernels.varlen_attention(q, k, v, cu_seqlens, max_seqlen, check_inputs=False)
+    return attention(q, k, v, cu_seqlens, max_seqlen)
 
 
 def packed_block(block, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int,
@@ -243,7 +253,8 @@ def prompt_frames(model: "STOP", video: torch.Tensor, selection: Optional[torch.
     # 1-2. patch embeddings (conv1 as one GEMM) and difference features (H in chain dtype, built once)
     z = patch_tokens(visual, video.flatten(0, 1), as_matmul=True)  # (F, 1+N, D)
     h = difference_features(z[:, 1:].unflatten(0, (b, t)))  # (B, T, N, 2D)
-    convs = [m for m in (getattr(model, "conv_intra", None), getattr(model, "conv_inter", None)) if m is not None]
+    parts = model.trainable_modules()
+    convs = [parts[name] for name in ("conv_intra", "conv_inter") if name in parts]
     logits = conv_logits(convs, h, as_matmul=True) if convs else []  # F (intra) and W (inter), one GEMM
     dyn_logits = logits[0].flatten(0, 1).contiguous() if cfg.intra_enabled else None  # (F, N)
     w = logits[-1] if cfg.inter_enabled else None  # (B, T, N)
@@ -342,10 +353,15 @@ def pad_to_bucket(x: torch.Tensor, cu_seqlens: torch.Tensor, longest: int) -> Tu
     """
     total = x.shape[0]
     pad = bucket_rows(total, longest, cu_seqlens.shape[0] - 1) - total
-    piece, extra = divmod(pad, BUCKET_SEQUENCES)  # the first `extra` pieces get one row more
+    return F.pad(x, (0, 0, 0, pad)), _bucket_cu_seqlens(cu_seqlens, total, total + pad)
+
+
+def _bucket_cu_seqlens(cu_seqlens: torch.Tensor, total: int, rows: int) -> torch.Tensor:
+    """``cu_seqlens`` with the padding rows ``total .. rows`` as ``BUCKET_SEQUENCES`` sequences."""
+    piece, extra = divmod(rows - total, BUCKET_SEQUENCES)  # the first `extra` pieces get one row more
     i = torch.arange(1, BUCKET_SEQUENCES + 1, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
     ends = total + piece * i + i.clamp(max=extra)
-    return F.pad(x, (0, 0, 0, pad)), torch.cat([cu_seqlens, ends])
+    return torch.cat([cu_seqlens, ends])
 
 
 def fast_forward(
@@ -394,12 +410,18 @@ def fast_forward(
         if sizes is None:  # the prompt stage ran compiled
             sizes = PackedSizes(p.counts, 1 + n)
         cu_seqlens, total, max_seqlen = sizes.wait()  # the one host sync
+        rows = None  # kernel variant "pack_bucketed": packing writes the bucket's zero rows (no F.pad copy)
+        if bucket and kernels.dispatch.variant_enabled("pack_bucketed"):
+            rows = bucket_rows(total, 1 + n + rho, b * t)
         x = kernels.pack_sequences(p.z, p.counts, cu_seqlens, total, p.top, p.gate, p.intra, p.inter,
-                                   check_inputs=False)
+                                   check_inputs=False, rows=rows)
         starts = cu_seqlens[:-1].long()
         if bucket:
             max_seqlen = 1 + n + rho  # static, like every other size of the encode stage
-            x, cu_seqlens = pad_to_bucket(x, cu_seqlens, max_seqlen)
+            if rows is None:
+                x, cu_seqlens = pad_to_bucket(x, cu_seqlens, max_seqlen)
+            else:
+                cu_seqlens = _bucket_cu_seqlens(cu_seqlens, total, rows)
     per_frame = encode(model, x, cu_seqlens, max_seqlen, starts, lengths, attention).unflatten(0, (b, t))
     if not record:
         return per_frame

@@ -50,7 +50,6 @@ class STOP(nn.Module):
         self.image_size = visual.image_size[0]
         self.tokenizer = open_clip.get_tokenizer(config.model_name)
         self.grad_checkpointing = False
-        self._cls_keys_cache = None  # {token dtype: (frozen state, (keys, bias))}: see fast.cls_keys
         self.register_buffer("_logit_scale", torch.tensor(LOGIT_SCALE), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._drop_caches())
 
@@ -81,7 +80,9 @@ class STOP(nn.Module):
         return super()._apply(fn, *args, **kwargs)
 
     def _drop_caches(self) -> None:
-        self._cls_keys_cache = None
+        from .fast import forget_cls_keys
+
+        forget_cls_keys(self.visual)
 
     def cast_backbone(self, dtype: torch.dtype) -> "STOP":
         """Keep the frozen backbone resident in ``dtype`` (e.g. ``torch.bfloat16`` for bf16 training).
