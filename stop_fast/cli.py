@@ -29,6 +29,8 @@ COMMANDS = {
     "eval": ("eval", "evaluate trained prompts, or zero-shot CLIP, on a dataset split"),
     "predict": ("predict", "classify video files, or rank them for a caption, with trained prompts"),
     "visualize": ("visualize", "draw the patches, maps and prompt counts STOP computes for videos"),
+    "index": ("index", "encode a video library once into an index folder for search (resumable, incremental)"),
+    "search": ("search", "rank an index's videos for a caption (or a video) by exact cosine similarity"),
     "convert-weights": ("convert_weights", "convert a CLIP weights file once to safetensors (tensors only, no code)"),
 }
 
