@@ -90,7 +90,7 @@ def test_dali_loader_uses_the_manifest_instead_of_probing(tmp_path, monkeypatch)
     def no_probe(path):
         raise AssertionError(f"probed {path} although the manifest knows it")
 
-    monkeypatch.setattr(dali_loader, "probe_stream", no_probe)
+    monkeypatch.setattr(dali_loader, "cached_probe", no_probe)
     batches = list(DaliVideoLoader(ds, 4, 2, size=32, mode="eval", device="cpu", manifest=str(manifest)))
     assert len(batches) == 1 and batches[0]["valid"].all()
 
@@ -106,7 +106,7 @@ def test_dali_single_clips_apply_rotation_like_pyav(tmp_path):
 
 def _breaks_dali_but_passes_the_probe(folder):
     """A VP9 file with a damaged packet: PyAV's probe counts its frames, DALI's decoder fails on it."""
-    from stop_fast.data.pyav_reader import probe_stream
+    from stop_fast.data.probe import probe_file
 
     clean = write_video(folder / "clean.webm", num_frames=48, codec="libvpx-vp9").read_bytes()
     rng = np.random.default_rng(0)
@@ -116,7 +116,7 @@ def _breaks_dali_but_passes_the_probe(folder):
         path = folder / "damaged.webm"
         path.write_bytes(bytes(data))
         try:
-            if probe_stream(str(path))[1] < 2:
+            if probe_file(str(path)).frames < 2:
                 continue
         except VideoDecodeError:
             continue
@@ -201,17 +201,52 @@ def test_dali_loader_survives_an_unexpected_error_on_one_file(tmp_path, monkeypa
     from stop_fast.data import dali_loader
 
     samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=8, codec="libvpx-vp9")), 0) for i in range(3)]
-    real = dali_loader.probe_stream
+    real = dali_loader.cached_probe
 
     def flaky(path):
         if path.endswith("v1.webm"):
             raise KeyError("codec_context")
         return real(path)
 
-    monkeypatch.setattr(dali_loader, "probe_stream", flaky)
+    monkeypatch.setattr(dali_loader, "cached_probe", flaky)
     ds = VideoDataset("fixture", "test", samples, classes=["a"])
     loader = DaliVideoLoader(ds, 2, 3, size=16, mode="eval", device="cpu")
     with caplog.at_level(logging.WARNING, logger="stop_fast.data.dali_loader"):
         (batch,) = list(loader)
     assert batch["valid"].tolist() == [True, False, True] and loader.stats == {"clips": 2, "failures": 1}
     assert "v1.webm (unexpected KeyError" in caplog.text
+
+
+def test_several_pipelines_and_prefetch_give_the_same_batches(tmp_path):
+    samples = [Sample(str(write_video(tmp_path / f"v{i}.webm", num_frames=10 + i, codec="libvpx-vp9")), i % 2)
+               for i in range(8)]
+    ds = VideoDataset("fixture", "train", samples, classes=["a", "b"])
+
+    def run(**kwargs):
+        loader = DaliVideoLoader(ds, 3, 2, size=16, mode="train", seed=7, device="cpu", **kwargs)
+        return [(b["index"].tolist(), b["video"]) for b in loader]
+
+    one = run(num_pipelines=1, prefetch=1)
+    for kwargs in ({"num_pipelines": 1, "prefetch": 3}, {"num_pipelines": 3, "prefetch": 2}):
+        other = run(**kwargs)
+        assert [i for i, _ in other] == [i for i, _ in one] and len(one) == 4
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(one, other))
+    with pytest.raises(ValueError, match="num_pipelines"):
+        DaliVideoLoader(ds, 3, 2, device="cpu", num_pipelines=0)
+    with pytest.raises(ValueError, match="prefetch"):
+        DaliVideoLoader(ds, 3, 2, device="cpu", prefetch=0)
+
+
+def test_a_broken_batch_does_not_disturb_the_batches_queued_behind_it(tmp_path):
+    damaged = _breaks_dali_but_passes_the_probe(tmp_path)
+    good = [write_video(tmp_path / f"v{i}.webm", num_frames=12 + i, codec="libvpx-vp9") for i in range(5)]
+    samples = [Sample(str(p), 0) for p in [good[0], damaged, *good[1:]]]
+    ds = VideoDataset("fixture", "test", samples, classes=["a"])
+    loader = DaliVideoLoader(ds, 4, 2, size=16, mode="eval", device="cpu", num_pipelines=1, prefetch=3)
+    batches = list(loader)
+    reference = list(VideoLoader(ds, 4, 2, size=16, mode="eval", num_workers=0))
+    assert [b["index"].tolist() for b in batches] == [[0, 1], [2, 3], [4, 5]]
+    assert [b["valid"].tolist() for b in batches] == [[True, False], [True, True], [True, True]]
+    for a, b in zip(batches, reference):  # the batches after the broken one are their own videos
+        ok = a["valid"] & b["valid"]
+        assert (a["video"][ok] - b["video"][ok]).abs().mean() < 0.05

@@ -235,6 +235,22 @@ def test_cli_reports_a_malformed_annotation_in_one_line(tmp_path, capsys):
     from stop_fast.cli import main
 
     _write(tmp_path / "train.csv", "path,label\na.mp4,x\nb.mp4\n")
-    assert main(["prepare", "--dataset", "csv", "--root", str(tmp_path), "--manifest", str(tmp_path / "m.jsonl")]) == 2
+    assert main(["prepare", "--dataset", "csv", "--video-root", str(tmp_path), "--manifest", str(tmp_path / "m.jsonl")]) == 2
     err = capsys.readouterr().err
     assert "train.csv, line 3: no 'label'" in err and len(err.strip().splitlines()) == 1
+
+
+def test_csv_paths_outside_the_video_root_are_said(tmp_path, caplog):
+    root = tmp_path / "root"
+    root.mkdir()
+    (root / "train.csv").write_text("path,label\na.mp4,x\n../elsewhere/b.mp4,y\n/abs/c.mp4,x\n")
+    with caplog.at_level("WARNING", logger="stop_fast.data"):
+        ds = build_dataset("csv", root, "train")
+    assert [s.path for s in ds.samples][1:] == [str(root / "../elsewhere/b.mp4"), "/abs/c.mp4"]  # read from there
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "2 of 3 paths lie outside the video root" in warned[0] and "train.csv" in warned[0]
+    caplog.clear()
+    (root / "train.csv").write_text("path,label\na.mp4,x\nsub/b.mp4,y\n")
+    with caplog.at_level("WARNING", logger="stop_fast.data"):
+        build_dataset("csv", root, "train")
+    assert not caplog.records

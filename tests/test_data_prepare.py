@@ -12,7 +12,8 @@ import torch
 from stop_fast.cli import main
 from stop_fast.data import read_video_clip
 from stop_fast.data.datasets import build_dataset
-from stop_fast.data.prepare import exclude_bad, probe_video, read_manifest
+from stop_fast.data.manifest import exclude_bad, read_manifest
+from stop_fast.data.prepare import probe_video
 
 from data_fixtures import write_video
 
@@ -59,9 +60,10 @@ def test_reencoded_copies_decode_to_the_same_content(tmp_path):
     records = read_manifest(str(manifest))
     rec = records.find(str(videos / "a" / "one.mp4"))
     assert rec is records["a/one.mp4"] and rec["root"] == str(videos)  # keyed by the path under the root
-    assert rec["prepared"] == str(copies / "a" / "one.mp4.webm")
+    assert rec["prepared"] == str(copies / "a" / "one.mp4.mp4")
     probed = probe_video(rec["prepared"])
-    assert probed["ok"] and probed["codec"] == "vp9" and probed["frames"] == 20 and probed["height"] == 32
+    assert probed["ok"] and probed["codec"] == "h264" and probed["frames"] == 20 and probed["height"] == 32
+    assert rec["prepared_index"]["key_frames"] == [[0, 1, 20]]  # all-intra: every frame a key frame
     original = read_video_clip(videos / "a" / "one.mp4", 4, size=32)
     copy = read_video_clip(rec["prepared"], 4, size=32)
     assert (original - copy).abs().mean() < 0.1  # same frames, within the two codecs' error
@@ -71,14 +73,14 @@ def test_loaders_leave_out_files_the_manifest_marks_bad(tmp_path):
     _folder(tmp_path)
     (tmp_path / "train.csv").write_text("path,label\nvideos/a/one.mp4,x\nvideos/bad.mp4,y\nvideos/two.avi,x\n")
     manifest = tmp_path / "manifest.jsonl"
-    assert main(["prepare", "--dataset", "csv", "--root", str(tmp_path), "--manifest", str(manifest), "--workers", "1"]) == 0
+    assert main(["prepare", "--dataset", "csv", "--video-root", str(tmp_path), "--manifest", str(manifest), "--workers", "1"]) == 0
     ds = exclude_bad(build_dataset("csv", tmp_path, "train"), str(manifest))
     assert [s.path.rsplit("/", 1)[1] for s in ds.samples] == ["one.mp4", "two.avi"]
 
 
 def test_prepare_needs_a_root_for_datasets(tmp_path, capsys):
     assert main(["prepare", "--dataset", "ucf101", "--manifest", str(tmp_path / "m.jsonl")]) == 2
-    assert "--root" in capsys.readouterr().err
+    assert "--video-root" in capsys.readouterr().err
 
 
 def test_reencoding_applies_rotation(tmp_path):
@@ -109,11 +111,11 @@ def test_a_video_named_relatively_and_absolutely_is_probed_once(tmp_path, capsys
     (tmp_path / "train.csv").write_text(f"path,label\nvideos/a/one.mp4,x\n{tmp_path}/videos/a/one.mp4,x\nvideos/two.avi,y\n")
     monkeypatch.chdir(tmp_path.parent)
     manifest = tmp_path / "m.jsonl"
-    assert _run("--dataset", "csv", "--root", tmp_path.name, "--manifest", manifest) == 0  # a relative root
+    assert _run("--dataset", "csv", "--video-root", tmp_path.name, "--manifest", manifest) == 0  # a relative root
     summary = _summary(capsys)
     assert summary["videos"] == summary["probed"] == 2
     assert sorted(read_manifest(str(manifest))) == ["videos/a/one.mp4", "videos/two.avi"]
-    assert _run("--dataset", "csv", "--root", tmp_path, "--manifest", manifest) == 0  # the same root, absolute
+    assert _run("--dataset", "csv", "--root", tmp_path, "--manifest", manifest) == 0  # the same root, absolute, by the old flag
     assert _summary(capsys)["probed"] == 0
 
 
@@ -172,7 +174,7 @@ def test_a_text_file_is_not_a_video(tmp_path, capsys):
     (tmp_path / "clips").mkdir()
     (tmp_path / "clips" / "readme.txt").write_text("this is a text file, not a video\n" * 30)
     (tmp_path / "train.csv").write_text("path,label\nclips/readme.txt,x\n")
-    assert _run("--dataset", "csv", "--root", tmp_path, "--manifest", tmp_path / "m.jsonl") == 0
+    assert _run("--dataset", "csv", "--video-root", tmp_path, "--manifest", tmp_path / "m.jsonl") == 0
     assert "not a video" in capsys.readouterr().out
     assert not read_manifest(str(tmp_path / "m.jsonl"))["clips/readme.txt"]["ok"]
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from stop_fast.data import VideoDecodeError, read_video_clip, sample_indices
-from stop_fast.data.pyav_reader import count_frames, decode_frames, probe_stream
+from stop_fast.data.probe import probe_file
+from stop_fast.data.pyav_reader import decode_frames
 
 from data_fixtures import CONTAINERS, level, write_audio_only, write_resolution_change, write_video, zero_display_matrix
 
@@ -55,7 +56,7 @@ def _frame_level(clip: torch.Tensor, t: int) -> float:
 @pytest.mark.parametrize("codec", list(CONTAINERS))
 def test_decoded_frames_match_the_known_content(tmp_path, codec):
     path = write_video(tmp_path / f"clip.{CONTAINERS[codec]}", num_frames=24, codec=codec)
-    assert count_frames(str(path)) == 24
+    assert probe_file(str(path)).frames == 24
     clip = read_video_clip(path, 4, size=32, mode="eval")
     assert clip.shape == (4, 3, 32, 32) and clip.dtype == torch.float32
     for t, i in enumerate([3, 9, 15, 21]):  # the eval indices of 24 frames in 4 segments
@@ -82,7 +83,8 @@ def test_flip_mirrors_the_clip(tmp_path):
 @pytest.mark.parametrize("rotation", [90, -90])
 def test_rotation_metadata_is_applied(tmp_path, rotation):
     path = write_video(tmp_path / "rot.mp4", width=64, height=48, rotation=rotation)
-    assert probe_stream(str(path)) == ("mpeg4", 24, rotation)
+    probe = probe_file(str(path))
+    assert (probe.codec, probe.frames, probe.rotation) == ("mpeg4", 24, rotation)
     frames, _ = decode_frames(str(path), [0])
     frame = frames[0].astype(int)
     assert frame.shape == (64, 48, 3)  # displayed upright: width and height swap
@@ -176,10 +178,10 @@ def test_a_conversion_error_is_named_not_taken_for_a_truncated_tail(tmp_path, mo
 
 
 def test_frames_larger_than_the_cap_are_refused(tmp_path, monkeypatch):
-    from stop_fast.data import pyav_reader
+    from stop_fast.data import probe
 
     path = write_video(tmp_path / "clip.mp4", num_frames=4, width=64, height=48)
-    monkeypatch.setattr(pyav_reader, "MAX_PIXELS", 64 * 48 - 1)
+    monkeypatch.setattr(probe, "MAX_PIXELS", 64 * 48 - 1)
     with pytest.raises(VideoDecodeError, match="64 x 48 exceed") as info:
         read_video_clip(path, 2, size=16)
     assert "clip.mp4" in str(info.value)
@@ -195,7 +197,7 @@ def test_text_files_are_not_videos(tmp_path, name, content, reason):
     with pytest.raises(VideoDecodeError, match=reason):
         read_video_clip(path, 4, size=16)
     with pytest.raises(VideoDecodeError, match="not a video"):
-        probe_stream(str(path))
+        probe_file(str(path))
 
 
 def test_still_images_are_not_videos(tmp_path):
@@ -215,7 +217,7 @@ def test_still_images_are_not_videos(tmp_path):
 
 def test_degenerate_display_matrix_means_no_rotation(tmp_path):
     path = zero_display_matrix(write_video(tmp_path / "odd.mp4", num_frames=8, width=64, height=48, rotation=90))
-    assert probe_stream(str(path))[2] == 0
+    assert probe_file(str(path)).rotation == 0
     frames, _ = decode_frames(str(path), [0])
     assert frames[0].shape == (48, 64, 3)  # not turned
     plain = write_video(tmp_path / "plain.mp4", num_frames=8, width=64, height=48)

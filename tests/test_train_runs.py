@@ -197,3 +197,23 @@ def test_a_0_1_0_prompt_file_evaluates_as_it_did(legacy_data):
         then = json.load(f)
     assert result["val_top1"] == then["val_top1"]
     assert result["val_loss"] == pytest.approx(then["val_loss"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- prepared copies
+def test_training_reads_a_prepare_manifests_copies(tmp_path, capsys):
+    """`stop-fast prepare` writes copies and a manifest; with --manifest, training and evaluation read
+    the copies: the originals can be gone."""
+    root = make_dataset(str(tmp_path / "data"), per_class=2, classes=2)
+    manifest, copies = tmp_path / "m.jsonl", tmp_path / "copies"
+    for split in ("train", "val"):
+        assert main(["prepare", "--dataset", "csv", "--video-root", root, "--split", split, "--manifest",
+                     str(manifest), "--reencode-dir", str(copies), "--workers", "1"]) == 0
+    capsys.readouterr()
+    for name in os.listdir(os.path.join(root, "videos")):
+        os.unlink(os.path.join(root, "videos", name))
+    result = train(tiny(root, tmp_path / "out", epochs=1, manifest=str(manifest)))
+    assert result["steps"] == 2 and result["skipped_videos"] == 0 and result["val_skipped"] == 0
+    from stop_fast.data import VideoDecodeError
+
+    with pytest.raises(VideoDecodeError, match="failed to decode"):  # without the manifest nothing is left to read
+        train(tiny(root, tmp_path / "without", epochs=1))

@@ -69,7 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def list_videos(args) -> list:
     """The videos VIDEOS or --dataset names (absolute paths, sorted); errors name the argument."""
     from ..data.datasets import AnnotationError
-    from ..index.sources import VIDEO_SUFFIXES, videos_in_csv, videos_in_dataset, videos_in_folder
+    from ..data.datasets import VIDEO_SUFFIXES
+    from ..index.sources import videos_in_csv, videos_in_dataset, videos_in_folder
 
     if (args.videos is None) == (args.dataset is None):
         raise CLIError("give VIDEOS (a folder or a CSV) or --dataset with --video-root, not both" if args.videos

@@ -50,7 +50,10 @@ def add_data_arguments(p: argparse.ArgumentParser, train: bool = True) -> None:
     p.add_argument("--eval-crops", type=int, choices=[1, 3], help="evaluation crops per clip, averaged (default 1)")
     p.add_argument("--eval-batch-size", type=int, help="global evaluation batch (default: --batch-size)")
     p.add_argument("--caption-tokens", type=int, help="caption length in tokens (default 32 MSR-VTT/VATEX, 64 else)")
-    p.add_argument("--decoder", choices=DECODERS, help="video decoder (default auto: DALI on a GPU if installed)")
+    p.add_argument("--manifest", help="a `stop-fast prepare` manifest: read its training copies with their frame "
+                   "indexes (one manifest may hold every split)")
+    p.add_argument("--decoder", choices=DECODERS, help="video decoder (default auto: DALI on a GPU where NVDEC "
+                   "decodes and DALI is installed, else PyAV)")
     p.add_argument("--workers", type=int, help="decoding workers (default: 4, at most the usable cores)")
     p.add_argument("--class-names", choices=CLASS_NAMES, help="class names in the class texts: as given (raw) or as "
                    "words (ApplyEyeMakeup, brush_hair -> apply eye makeup, brush hair); default: words for the "
@@ -117,7 +120,7 @@ def config_from_args(args, base: Dict = None):
         config.validate(require_data=True)
     except ValueError as exc:
         raise CLIError(_flag_message(str(exc), {**overrides, **overrides["stop"]}, path)) from None
-    for name in ("weights", "train_list", "val_list"):
+    for name in ("weights", "train_list", "val_list", "manifest"):
         value = getattr(config, name)
         if value and not os.path.exists(value):
             raise CLIError(f"--{name.replace('_', '-')} {value}: no such file")

@@ -5,7 +5,10 @@ every failure is a :class:`VideoDecodeError` naming the file. ``build_dataset(na
 reads the official split files of UCF101, HMDB51, SSv2, Kinetics-400, MSR-VTT, VATEX, DiDeMo,
 ActivityNet Captions or a generic CSV (an unreadable line is an ``AnnotationError`` naming the file and line).
 ``VideoLoader`` (PyAV in DataLoader workers) and ``dali_loader.DaliVideoLoader`` (NVDEC or DALI's CPU
-decoder) batch clips. PyAV and DALI are optional: a backend that is missing says what to install.
+decoder) batch clips; given the ``manifest=`` that ``stop-fast prepare`` writes, they read its copies
+made for training with its frame indexes. One probe of a file (``probe.probe_file``) serves every
+reader; the PyAV reader seeks to the key frame before each sampled frame. PyAV and DALI are
+optional: a backend that is missing says what to install.
 
 Names are imported on first use (PEP 562), so ``import stop_fast.data.datasets`` costs no torch import.
 """
@@ -13,7 +16,7 @@ from .._lazy import lazy_exports
 
 _EXPORTS = {
     "build_dataset": "datasets", "DATASETS": "datasets", "VideoDataset": "datasets", "Sample": "datasets",
-    "AnnotationError": "datasets",
+    "AnnotationError": "datasets", "VIDEO_SUFFIXES": "datasets", "video_files": "datasets",
     "VideoDecodeError": "errors",
     "ShardedSampler": "loader", "VideoLoader": "loader",
     "BACKENDS": "reader", "read_video_clip": "reader",

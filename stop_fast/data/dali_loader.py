@@ -1,24 +1,30 @@
 """Batched clip loading through NVIDIA DALI: NVDEC decoding on the GPU, or DALI's CPU operators."""
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import random
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import Deque, Dict, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 import torch
 from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
 
-from .dali_reader import _frame_pipeline, check_codec, import_dali
+from .dali_reader import check_codec, decode_encoded, import_dali
 from .errors import VideoDecodeError
 from .loader import PADDING, ShardedSampler
-from .pyav_reader import probe_stream
+from .manifest import Source, sources
+from .probe import cached_probe
 from .sampling import sample_indices
 
 log = logging.getLogger(__name__)
+
+# DALI pipelines on a GPU by default: one pipeline is reported to keep one NVDEC engine busy, and an
+# H100 / H200 has seven. Not measured on a GPU yet (benchmarks/bench_decode.py's GPU rows will say).
+GPU_PIPELINES = 4
 
 
 class _Entry(NamedTuple):
@@ -41,65 +47,61 @@ class DaliVideoLoader:
     Encoded bytes, per-sample frame indices, crop positions and flips are fed by the host each batch
     (sampled exactly as the PyAV path does); DALI decodes the batch's videos in parallel, resizes the
     short side, crops, mirrors and normalises, and returns ``(B, T, 3, S, S)`` in ``dtype``.
+
+    Throughput: ``num_pipelines`` DALI pipelines take batches in turn, each with ``prefetch`` batches
+    queued, so up to ``num_pipelines * prefetch`` batches decode while the caller trains; the host
+    work of the next batch (probe, read, sample) runs on ``num_threads`` threads meanwhile. On the GPU
+    a batch is handed over without waiting on the host: DALI's outputs are bound to the caller's
+    current CUDA stream and copied on it. One pipeline is reported to keep one NVDEC engine busy
+    (DALI issue 6387) and H100 / H200 carry seven, hence several pipelines on the GPU by default
+    (:data:`GPU_PIPELINES`, not measured on a GPU yet); on the CPU one pipeline, whose threads
+    already decode a batch's videos in parallel.
+
     Bad data never ends an epoch: a file that fails the probe, has rotation metadata (which DALI
     ignores), or passes the probe but breaks DALI's decoder (found by decoding the failed batch's
     videos one at a time) is logged by name, counted in ``stats``, remembered, and replaced by
     another sample (training) or fed as an invalid placeholder (evaluation, ``valid=False``).
-    Each video's codec, frame count and rotation are probed once (PyAV, demuxing and one frame) and
-    remembered; pass the ``manifest`` written by ``stop-fast prepare`` to skip probing the files
-    that have not changed since it was written (its bad files are skipped too). The host work of
-    the next batch (probe, read, sample) runs on ``num_threads`` threads while DALI decodes the
-    current batch's videos in parallel.
+    Each video's codec, frame count and rotation come from the one probe of the file, once per
+    process; with the ``manifest`` written by ``stop-fast prepare``, samples are read from their
+    prepared copies (``use_prepared``) with the manifest's frame indexes and nothing is probed for
+    files that have not changed since (its bad files are skipped too).
     """
 
     def __init__(self, dataset, num_frames: int, batch_size: int, size: int = 224, mode: str = "eval", seed: int = 0,
                  rank: int = 0, world_size: int = 1, device: str = "gpu", dtype: torch.dtype = torch.float32,
-                 flip: Optional[bool] = None, num_threads: int = 4, manifest: Optional[str] = None,
-                 max_replacements: int = 10):
+                 flip: Optional[bool] = None, num_threads: int = 4, manifest=None, max_replacements: int = 10,
+                 prefetch: int = 2, num_pipelines: Optional[int] = None, use_prepared: bool = True):
         if device not in ("gpu", "cpu"):
             raise ValueError(f"device must be 'gpu' or 'cpu', got {device!r}")
         if device == "gpu" and not torch.cuda.is_available():
             raise ValueError("device='gpu' needs a CUDA device; use device='cpu'")
         if dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        for name, value in (("prefetch", prefetch), ("num_threads", num_threads)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if num_pipelines is None:
+            num_pipelines = GPU_PIPELINES if device == "gpu" else 1
+        if isinstance(num_pipelines, bool) or not isinstance(num_pipelines, int) or num_pipelines < 1:
+            raise ValueError(f"num_pipelines must be an int >= 1, got {num_pipelines!r}")
         self.dataset, self.num_frames, self.batch_size, self.size, self.mode = dataset, num_frames, batch_size, size, mode
         self.seed, self.device, self.dtype = seed, device, dtype
         self.flip = dataset.allow_flip if flip is None else flip
         self.sampler = ShardedSampler(len(dataset), batch_size, mode, rank, world_size, seed)
         self.stats = {"clips": 0, "failures": 0}
         self.epoch = 0
-        self._pipe = self._build(num_threads)
+        self.prefetch, self.num_threads = prefetch, num_threads
         self._placeholder: Optional[Tuple[np.ndarray, int]] = None
         self._placeholder_lock = threading.Lock()
+        self._pipes = [self._build(num_threads, prefetch) for _ in range(num_pipelines)]
+        self._repair_pipe = None  # runs a batch again after its bad files were replaced (built when needed)
         self.max_replacements = max_replacements
-        self._probed: Dict[str, Tuple[str, int, int]] = {}  # path -> (codec, frames, rotation)
-        self._bad: Dict[str, str] = {}  # path -> why it cannot be used
-        if manifest:
-            self._use_manifest(manifest)
+        self._sources: Dict[str, Source] = {}  # sample path -> what to read, from the manifest
+        self._bad: Dict[str, str] = {}  # path read -> why it cannot be used
+        if manifest is not None:
+            self._sources = sources(dataset, manifest, use_prepared)
         self._threads = ThreadPoolExecutor(max_workers=num_threads)
-        self._copy_stream = None
-        self._in_flight = False  # a scheduled batch whose output nobody has taken yet
-
-    def _use_manifest(self, manifest) -> None:
-        """Take codec, frame count and rotation from a ``prepare`` manifest instead of probing, for the
-        files that have not changed since (same size and modification time); a changed file is
-        probed again at run time, so a stale frame count never yields black clips marked valid."""
-        from .prepare import is_current, read_manifest
-
-        records = read_manifest(os.fspath(manifest))
-        stale = 0
-        for sample in self.dataset.samples:
-            r = records.find(sample.path, getattr(self.dataset, "root", None))
-            if r is None:
-                continue
-            if not is_current(r, sample.path):
-                stale += 1
-            elif r["ok"] and isinstance(r.get("codec"), str) and isinstance(r.get("frames"), int):
-                self._probed[sample.path] = (r["codec"], r["frames"], r.get("rotation") or 0)
-            elif not r["ok"]:
-                self._bad[sample.path] = f"marked unreadable in {records.path}: {r.get('error')}"
-        if stale:
-            log.warning("%d videos changed since %s was written: probing them again", stale, records.path)
+        self._in_flight: Deque[Tuple[int, List[_Entry]]] = collections.deque()  # (pipeline, entries) scheduled
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """``start_batch``: skip this epoch's first batches (resuming a run where it stopped)."""
@@ -109,14 +111,14 @@ class DaliVideoLoader:
     def __len__(self) -> int:
         return len(self.sampler) // self.batch_size
 
-    def _build(self, num_threads: int):
+    def _build(self, num_threads: int, prefetch: int):
         fn, types, pipeline_def = import_dali()
         gpu = self.device == "gpu"
         mean = [255 * m for m in OPENAI_DATASET_MEAN]
         std = [255 * s for s in OPENAI_DATASET_STD]
 
         @pipeline_def(batch_size=self.batch_size, num_threads=num_threads,
-                      device_id=torch.cuda.current_device() if gpu else None, prefetch_queue_depth=1)
+                      device_id=torch.cuda.current_device() if gpu else None, prefetch_queue_depth=prefetch)
         def pipe():
             enc = fn.external_source(name="enc", dtype=types.UINT8, ndim=1)
             idx = fn.external_source(name="idx", dtype=types.INT32, ndim=1)
@@ -131,24 +133,38 @@ class DaliVideoLoader:
 
         p = pipe()
         p.build()
+        self._start(p, prefetch)
         return p
 
+    def _start(self, pipe, prefetch: int) -> None:
+        """Run ``prefetch`` batches of placeholders through a new pipeline and drop them. DALI's first
+        ``schedule_run`` fills the whole prefetch queue (it needs ``prefetch`` batches fed); after it,
+        each call runs one batch, so the loader can feed and schedule batch by batch."""
+        data, idx = self._placeholder_item()
+        blank = _Entry(None, data, np.asarray(idx, dtype=np.int32), np.asarray([0.5, 0.5], dtype=np.float32),
+                       np.int32(0), -1, PADDING, False, 0)
+        for _ in range(prefetch):
+            for name in ("enc", "idx", "pos", "mirror"):
+                pipe.feed_input(name, [getattr(blank, name)] * self.batch_size)
+        pipe.schedule_run()
+        for _ in range(prefetch):
+            pipe.outputs()
+
     def _read(self, index: int, rng: random.Random):
-        """(path, bytes, frame indices) of a sample, or a VideoDecodeError (remembered: a bad file is
-        probed once, not once per epoch)."""
-        path = self.dataset.samples[index].path
+        """(path read, bytes, frame indices) of a sample, or a VideoDecodeError (remembered: a bad file
+        is probed once, not once per epoch)."""
+        source = self._sources.get(self.dataset.samples[index].path) or Source(self.dataset.samples[index].path)
+        path = source.path
+        if source.error:
+            raise VideoDecodeError(path, source.error)
         if path in self._bad:
             raise VideoDecodeError(path, self._bad[path])
         try:
-            if path not in self._probed:
-                self._probed[path] = probe_stream(path)
-            codec, total, rotation = self._probed[path]
-            check_codec(path, codec, self.device == "gpu")
-            if total == 0:
-                raise VideoDecodeError(path, "the video stream holds no frames")
-            if rotation % 360:
-                raise VideoDecodeError(path, f"rotation metadata ({rotation} degrees), which DALI does not apply; re-encode "
-                                             "with `stop-fast prepare --reencode-dir ...` (upright copies) or use VideoLoader")
+            probe = source.probe or cached_probe(path)
+            check_codec(path, probe.codec, self.device == "gpu")
+            if probe.rotation % 360:
+                raise VideoDecodeError(path, f"rotation metadata ({probe.rotation} degrees), which DALI does not apply; "
+                                             "use prepare's copies (upright) or VideoLoader")
             data = np.fromfile(path, dtype=np.uint8)
         except VideoDecodeError as exc:
             self._bad[path] = exc.reason
@@ -160,7 +176,7 @@ class DaliVideoLoader:
             self._bad[path] = f"unexpected {type(exc).__name__}: {exc}"
             log.debug("reading %s failed", path, exc_info=exc)
             raise VideoDecodeError(path, self._bad[path]) from exc
-        return path, data, sample_indices(total, self.num_frames, self.mode, rng)
+        return path, data, sample_indices(probe.frames, self.num_frames, self.mode, rng)
 
     def _entry(self, i: int) -> _Entry:
         """Everything DALI needs for sampler entry ``i``. Seeded by (seed, epoch, i), so neither thread
@@ -191,36 +207,40 @@ class DaliVideoLoader:
         label = self.dataset.samples[current].label if current != PADDING else -1
         return _Entry(item[0], item[1], np.asarray(item[2], dtype=np.int32), crop, mirror, label, current, ok, failures)
 
-    def _schedule(self, entries: List[_Entry]) -> None:
-        """Feed a batch and start DALI on it (asynchronously; ``_collect`` takes the result)."""
+    @staticmethod
+    def _feed(pipe, entries: List[_Entry]) -> None:
+        """Feed a batch and start DALI on it (asynchronously: the pipeline's ``outputs`` takes the result)."""
         for name in ("enc", "idx", "pos", "mirror"):
-            self._pipe.feed_input(name, [getattr(e, name) for e in entries])
-        self._pipe.schedule_run()
-        self._in_flight = True
+            pipe.feed_input(name, [getattr(e, name) for e in entries])
+        pipe.schedule_run()
 
-    def _outputs(self):
-        self._in_flight = False
-        (out,) = self._pipe.outputs()
+    def _outputs(self, pipe):
+        """The oldest scheduled batch of ``pipe``. On the GPU it is bound to the caller's current CUDA
+        stream, so the host does not wait for the decoding to finish (only to be scheduled)."""
+        if self.device == "gpu":
+            (out,) = pipe.outputs(cuda_stream=torch.cuda.current_stream())
+        else:
+            (out,) = pipe.outputs()
         return out
 
     def _decodes_alone(self, entry: _Entry) -> bool:
-        pipe = _frame_pipeline(torch.cuda.current_device() if self.device == "gpu" else None)
         try:
-            pipe.feed_input("enc", [entry.enc])
-            pipe.feed_input("idx", [entry.idx])
-            pipe.run()
+            decode_encoded(entry.enc, entry.idx, self.device == "gpu")
             return True
         except Exception:
             return False
 
-    def _collect(self, batch: List[int], entries: List[_Entry]):
-        """The output of the scheduled batch. A file that passed the probe but breaks DALI's decoder
-        fails the whole batch: find it by decoding the batch's videos one at a time, mark it bad,
-        redraw its entries (a replacement in training, an invalid placeholder in evaluation), run again."""
+    def _collect(self, pipe, batch: List[int], entries: List[_Entry]):
+        """The output of ``pipe``'s oldest scheduled batch. A file that passed the probe but breaks DALI's
+        decoder fails the whole batch: find it by decoding the batch's videos one at a time, mark it
+        bad, redraw its entries (a replacement in training, an invalid placeholder in evaluation), and
+        run the batch again on a pipeline of its own (the loader's pipelines have later batches queued)."""
         try:
-            return self._outputs(), entries
+            return self._outputs(pipe), entries
         except Exception as exc:  # DALI raises RuntimeError; the bad file is found below
             error = exc
+        if self._repair_pipe is None:
+            self._repair_pipe = self._build(self.num_threads, 1)
         for _round in range(len(batch) + 1):
             reason = f"DALI could not decode it ({str(error).strip().splitlines()[0]})"
             culprits = [j for j, e in enumerate(entries) if e.path is not None and not self._decodes_alone(e)]
@@ -231,8 +251,8 @@ class DaliVideoLoader:
                 log.warning("skipping %s (%s)", entries[j].path, reason)
                 entries[j] = self._entry(batch[j])
             try:
-                self._schedule(entries)
-                return self._outputs(), entries
+                self._feed(self._repair_pipe, entries)
+                return self._outputs(self._repair_pipe), entries
             except Exception as exc:
                 error = exc
         raise RuntimeError("DALI kept failing on a batch after every bad file in it was replaced") from error
@@ -265,54 +285,65 @@ class DaliVideoLoader:
             return np.fromfile(path, dtype=np.uint8), 2
 
     def _copy_out(self, out) -> torch.Tensor:
-        """DALI's output batch as a torch tensor of our own (DALI reuses its buffer on the next run).
-
-        DALI writes fp32 or fp16; bf16 (the training dtype) is one cast afterwards. On the GPU the copy
-        runs on a side stream that owns the new tensor's memory and is waited for on the host (a copy of
-        a few MB, not the caller's queued work), so the next run may start at once; ``record_stream``
-        keeps the memory from being reused while the caller's stream still reads it."""
+        """DALI's output batch as a torch tensor of our own. On the GPU the copy is queued on the
+        caller's current stream (the one DALI's outputs are bound to): no host wait. DALI writes fp32
+        or fp16; bf16 (the training dtype) is one cast afterwards."""
         from nvidia.dali.plugin.pytorch import feed_ndarray
 
         dali_dtype = torch.float16 if self.dtype == torch.float16 else torch.float32
+        out = out.as_tensor()
         if self.device == "cpu":
             video = torch.empty(out.shape(), dtype=dali_dtype)
             feed_ndarray(out, video)
             return video
-        if self._copy_stream is None:
-            self._copy_stream = torch.cuda.Stream()
-        with torch.cuda.stream(self._copy_stream):
-            video = torch.empty(out.shape(), dtype=dali_dtype, device="cuda")
-            feed_ndarray(out, video, cuda_stream=self._copy_stream)
-        self._copy_stream.synchronize()
-        video.record_stream(torch.cuda.current_stream())
+        stream = torch.cuda.current_stream()
+        video = torch.empty(out.shape(), dtype=dali_dtype, device="cuda")
+        feed_ndarray(out, video, cuda_stream=stream)
         return video
+
+    def _drain(self) -> None:
+        """Take (and drop) the batches an epoch left early had queued, so the pipelines start empty."""
+        while self._in_flight:
+            pipe, _ = self._in_flight.popleft()
+            try:
+                self._outputs(self._pipes[pipe])
+            except Exception:
+                pass
 
     def __iter__(self):
         order = list(self.sampler)
         batches = [order[k : k + self.batch_size] for k in range(0, len(order) - self.batch_size + 1, self.batch_size)]
-        submit = lambda batch: [self._threads.submit(self._entry, i) for i in batch]  # noqa: E731
-        if self._in_flight:  # an earlier epoch was left early: drop the batch it had started
-            try:
-                self._outputs()
-            except Exception:
-                pass
-        if not batches:
-            return
-        entries = [f.result() for f in submit(batches[0])]
-        self._schedule(entries)
+        self._drain()
+        depth = len(self._pipes) * self.prefetch  # batches decoding at once: each pipeline's queue full
+        host_work: Dict[int, list] = {}  # batch number -> futures of its entries
+
+        def start_host_work(k: int) -> None:
+            if k < len(batches) and k not in host_work:
+                host_work[k] = [self._threads.submit(self._entry, i) for i in batches[k]]
+
+        scheduled = 0
+
+        def schedule() -> None:
+            """Keep every pipeline's queue full; the host work of the batch after runs meanwhile."""
+            nonlocal scheduled
+            while scheduled < len(batches) and len(self._in_flight) < depth:
+                start_host_work(scheduled)
+                entries = [f.result() for f in host_work.pop(scheduled)]
+                pipe = scheduled % len(self._pipes)
+                self._feed(self._pipes[pipe], entries)
+                self._in_flight.append((pipe, entries))
+                scheduled += 1
+            start_host_work(scheduled)
+
+        schedule()
         for k, batch in enumerate(batches):
-            # the host work of the next batch (probe, read, sample) overlaps DALI's decoding of this one
-            pending = submit(batches[k + 1]) if k + 1 < len(batches) else []
-            out, entries = self._collect(batch, entries)
-            out = out.as_tensor()
-            video = self._copy_out(out)
-            video = video.to(self.dtype)
+            pipe, entries = self._in_flight.popleft()
+            out, entries = self._collect(self._pipes[pipe], batch, entries)
+            video = self._copy_out(out).to(self.dtype)
             valid = torch.tensor([e.valid for e in entries], dtype=torch.bool)
             self.stats["clips"] += int(valid.sum())
             self.stats["failures"] += sum(e.failures for e in entries)
             result = {"video": video, "label": torch.tensor([e.label for e in entries], dtype=torch.long),
                       "index": torch.tensor([e.index for e in entries], dtype=torch.long), "valid": valid}
-            if pending:  # DALI decodes batch k + 1 while the caller works on batch k
-                entries = [f.result() for f in pending]
-                self._schedule(entries)
+            schedule()  # DALI decodes the next batches while the caller works on this one
             yield result

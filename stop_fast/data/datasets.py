@@ -14,11 +14,17 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 PathLike = Union[str, os.PathLike]
+# What counts as a video file in a folder of them (`stop-fast prepare --videos`, `stop-fast index FOLDER`).
+VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts",
+                            ".3gp"})
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,11 +286,17 @@ def kinetics400(root: PathLike, split: str = "train", annotations: Optional[Path
     return VideoDataset("kinetics400", split, samples, classes, root=str(root))
 
 
+def video_files(folder: PathLike) -> List[str]:
+    """Every video file under ``folder`` (any depth, by suffix: :data:`VIDEO_SUFFIXES`, any case), sorted."""
+    return sorted(str(p) for p in Path(folder).rglob("*") if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file())
+
+
 def csv_dataset(root: PathLike, split: str = "train", annotations: Optional[PathLike] = None) -> VideoDataset:
     """A CSV with a header: ``path,label`` (recognition; label = class name) or ``path,caption``
-    (retrieval; one row per caption). Paths are relative to ``root``. Default file ``root/<split>.csv``.
-    Class indices follow the sorted labels: integer labels sort numerically ("2" before "10", so
-    labels 0..C-1 keep their values), other labels as strings."""
+    (retrieval; one row per caption). Paths are relative to ``root``; a path that leads outside it
+    (absolute, or through ``..``) is read where it leads, with a warning naming how many do. Default
+    file ``root/<split>.csv``. Class indices follow the sorted labels: integer labels sort numerically
+    ("2" before "10", so labels 0..C-1 keep their values), other labels as strings."""
     root = Path(root)
     table = _need(Path(annotations) if annotations else root / f"{split}.csv", "dataset CSV")
     header = [h.strip() for h in next(csv.reader(_text(table).splitlines()), [])]
@@ -295,12 +307,23 @@ def csv_dataset(root: PathLike, split: str = "train", annotations: Optional[Path
         classes = _sorted_labels(r["label"] for _, r in rows)
         index = {c: i for i, c in enumerate(classes)}
         samples = [Sample(str(root / r["path"]), index[r["label"]]) for _, r in rows]
+        _warn_outside(table, root, [r["path"] for _, r in rows])
         return VideoDataset("csv", split, samples, classes, root=str(root))
     grouped: Dict[str, List[str]] = {}
     for _, r in _rows(table, ("path", "caption")):
         grouped.setdefault(r["path"], []).append(r["caption"])
     samples = [Sample(str(root / p), captions=tuple(c)) for p, c in grouped.items()]
+    _warn_outside(table, root, list(grouped))
     return VideoDataset("csv", split, samples, task="retrieval", root=str(root))
+
+
+def _warn_outside(table: Path, root: Path, paths: List[str]) -> None:
+    """Say how many of a CSV's paths lead outside the video root (a typo'd root, or paths meant for another)."""
+    base = root.resolve()
+    outside = [p for p in paths if not (base / p).resolve().is_relative_to(base)]
+    if outside:
+        log.warning("%s: %d of %d paths lie outside the video root %s (e.g. %s); they are read from there",
+                    table, len(outside), len(paths), root, outside[0])
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -5,19 +5,25 @@ batch counts per rank, and robust to bad files: in training a file that fails (a
 ``VideoDecodeError`` or any other exception while reading it) is logged by name, counted, and
 replaced by another sample; in evaluation it comes back as a zero clip with ``valid=False`` (as do
 the padding entries of the last, partial batch), so no epoch dies on one video.
+
+With a ``prepare`` manifest (``manifest=``), each sample is read from its prepared copy when the
+manifest holds a current one, with the manifest's frame index (no probe of the file), and a video
+the manifest marks unreadable fails at once (logged, counted) without being opened.
 """
 from __future__ import annotations
 
 import logging
 import math
 import random
-from typing import Dict, Iterator, List, Optional
+import os
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .datasets import VideoDataset
 from .errors import VideoDecodeError
+from .manifest import Manifest, Source, sources
 from .reader import read_video_clip
 from .views import read_video_views
 
@@ -31,7 +37,7 @@ class ClipDataset(Dataset):
 
     def __init__(self, dataset: VideoDataset, num_frames: int, size: int = 224, mode: str = "eval",
                  seed: int = 0, flip: Optional[bool] = None, max_replacements: int = 10, num_clips: int = 1,
-                 num_crops: int = 1):
+                 num_crops: int = 1, sources: Optional[Dict[str, Source]] = None):
         if (num_clips, num_crops) != (1, 1) and mode != "eval":
             raise ValueError("num_clips / num_crops (multi-view) apply to mode='eval' only")
         if num_clips < 1 or num_crops not in (1, 3):
@@ -41,6 +47,7 @@ class ClipDataset(Dataset):
         self.num_frames, self.size, self.mode, self.seed = num_frames, size, mode, seed
         self.flip = dataset.allow_flip if flip is None else flip
         self.max_replacements = max_replacements
+        self.sources = sources or {}  # sample path -> what to read (a manifest's copy and frame index)
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -62,16 +69,20 @@ class ClipDataset(Dataset):
         while True:
             sample = self.dataset.samples[current]
             flip = self.mode == "train" and self.flip and rng.random() < 0.5
+            source = self.sources.get(sample.path) or Source(sample.path)
             try:
+                if source.error:
+                    raise VideoDecodeError(sample.path, source.error)
                 if views > 1:
-                    clip = read_video_views(sample.path, self.num_frames, self.size, self.num_clips, self.num_crops)
+                    clip = read_video_views(source.path, self.num_frames, self.size, self.num_clips, self.num_crops,
+                                            probe=source.probe)
                 else:
-                    clip = read_video_clip(sample.path, self.num_frames, self.size, self.mode,
-                                           seed=rng.randrange(2**31), flip=flip)
+                    clip = read_video_clip(source.path, self.num_frames, self.size, self.mode,
+                                           seed=rng.randrange(2**31), flip=flip, probe=source.probe)
                 return self._item(current, clip, True, failures)
             except Exception as exc:  # noqa: BLE001 - one sample, whatever broke, never ends the epoch
                 failures += 1
-                log_failure(log, sample.path, exc)
+                log_failure(log, source.path, exc)
                 if self.mode != "train":
                     return self._item(current, empty, False, failures)
                 if failures > self.max_replacements:
@@ -143,13 +154,21 @@ class VideoLoader:
     ``views.average_views(outputs, views)``.
 
     ``stats`` counts clips decoded and files that failed (each failure is also logged by name).
+
+    ``manifest``: a ``stop-fast prepare`` manifest (path or :class:`~.manifest.Manifest`): samples
+    are read from their prepared copies (``use_prepared``) with the manifest's frame indexes, and the
+    videos it marks unreadable fail without being opened. Records of files that changed since they
+    were written are ignored (those files are probed at run time).
     """
 
     def __init__(self, dataset: VideoDataset, num_frames: int, batch_size: int, size: int = 224,
                  mode: str = "eval", seed: int = 0, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  flip: Optional[bool] = None, dtype: torch.dtype = torch.float32, num_clips: int = 1,
-                 num_crops: int = 1):
-        self.clips = ClipDataset(dataset, num_frames, size, mode, seed, flip, num_clips=num_clips, num_crops=num_crops)
+                 num_crops: int = 1, manifest: Optional[Union[str, os.PathLike, Manifest]] = None,
+                 use_prepared: bool = True):
+        known = sources(dataset, manifest, use_prepared) if manifest is not None else None
+        self.clips = ClipDataset(dataset, num_frames, size, mode, seed, flip, num_clips=num_clips, num_crops=num_crops,
+                                 sources=known)
         self.sampler = ShardedSampler(len(dataset), batch_size, mode, rank, world_size, seed)
         self.dtype = dtype
         self.loader = DataLoader(self.clips, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,

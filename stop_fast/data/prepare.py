@@ -1,36 +1,26 @@
-"""``stop-fast prepare``: probe every video of a dataset once, write a manifest, optionally re-encode.
+"""Preparing a dataset for training: probe every video once into a manifest, write copies made for
+decoding (the library behind ``stop-fast prepare``; the command's flags live in
+``stop_fast/commands/prepare.py``).
 
-The manifest is JSON lines, one record per video, appended as each video is done, so an interrupted
-run resumes where it stopped:
+:func:`prepare` probes each video by decoding it (:func:`~.probe.probe_file` with ``full_decode``:
+proof that it reads, and its exact frame index), appends one record per video to the manifest
+(:mod:`.manifest`) as each is done, so an interrupted run resumes where it stopped, and returns a
+:class:`PrepareResult`. A worker that dies on a file (a decoder crash, the out-of-memory killer) is
+found by running the unfinished files one at a time, recorded as unreadable, and the run goes on;
+workers die with the run when it is killed.
 
-    {"path": "Archery/v_Archery_g01_c01.avi", "root": "/data/UCF101", "ok": true, "codec": "h264",
-     "frames": 300, "fps": 29.97, "width": 320, "height": 240, "rotation": 0, "duration": 10.0,
-     "bytes": 1234567, "mtime_ns": 1700000000000000000, "prepared": "<re-encoded file or null>", "error": null}
-
-``path`` is the key: the path relative to ``root`` (the dataset root or ``--videos`` folder; an
-absolute path for a video outside it), so a video named by a relative or an absolute path is probed
-once, and a dataset that moves keeps its manifest. ``bytes`` and ``mtime_ns`` tell whether the file
-changed since it was probed: a changed file is probed again (and never trusted by the loaders).
-``frames`` counts decoded frames (the index space the samplers use, also for variable frame rate);
-``width`` / ``height`` are the coded size and ``rotation`` the display rotation in degrees
-counter-clockwise (the copies are written upright, with rotation 0).
-
-Nothing a killed run leaves behind stops the next one: lines that cannot be read (torn, not UTF-8,
-not JSON objects, records without ``path`` / ``ok``) are skipped and reported, and new records start
-on a new line. A worker that dies on a file (a decoder crash, the out-of-memory killer) is found by
-running the unfinished files one at a time, recorded as unreadable, and the run goes on; workers die
-with the run when it is killed.
-
-Loaders drop the files marked bad (``exclude_bad``). Re-encoding writes a decode-friendly copy:
-short side 256 (default), a key frame every 8 frames, VP9 or MJPEG (both decode on DALI's CPU
-decoder and on NVDEC) or H.264, named after the source's relative path and full name
-(``a/clip.mp4`` -> ``<reencode-dir>/a/clip.mp4.webm``).
+With a copy folder, :func:`reencode_video` writes each readable video again, made for training
+(:class:`CopySettings`; the default chosen by measurement, see stop_fast/data/README.md): H.264,
+every frame a key frame (all-intra), no B-frames, short side 224 (never upscaled), upright, every
+decoded frame kept at the source's average frame rate (optionally capped: ``max_fps``), colours
+kept (full-range and limited-range sources alike). NVDEC and PyAV read it; DALI's CPU decoder does
+not (it reads VP8 / VP9 / MJPEG: ``codec="vp9"`` or ``"mjpeg"``). The copy's own frame index goes
+into the record (``prepared_index``), so the loaders seek in it without probing.
 """
 from __future__ import annotations
 
 import collections
 import dataclasses
-import json
 import logging
 import multiprocessing
 import os
@@ -41,137 +31,63 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from fractions import Fraction
-from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Union
+from typing import Callable, Dict, Iterable, List, NamedTuple, Optional
 
-from .datasets import VideoDataset, build_dataset
+from ..io import atomic_path
 from .errors import VideoDecodeError
+from .manifest import ManifestWriter, check_manifest_path, is_current, manifest_key, read_manifest, state_fields
+from .probe import VideoProbe, import_av, open_video, probe_file, quarter_turns
 
 log = logging.getLogger(__name__)
 
-VIDEO_SUFFIXES = {".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv", ".ts", ".3gp"}
-CODECS = {"vp9": ("libvpx-vp9", ".webm", "yuv420p"), "mjpeg": ("mjpeg", ".avi", "yuvj420p"), "h264": ("libx264", ".mp4", "yuv420p")}
-OUTSIDE_ROOT = "_outside_root"  # where copies of videos named outside the root go, under the reencode dir
+OUTSIDE_ROOT = "_outside_root"  # where copies of videos named outside the root go, under the copy folder
 
 
-# ----------------------------------------------------------------------------------------------------
-# Keys and the manifest file
+@dataclasses.dataclass(frozen=True)
+class Format:
+    """How a copy is encoded: FFmpeg encoder, file suffix, pixel format, colour range, and the
+    encoder options for a key-frame interval ``gop``."""
+
+    encoder: str
+    suffix: str
+    pix_fmt: str
+    color_range: str  # "limited" (MPEG, 16..235) or "full" (JPEG, 0..255)
+    options: Callable[[int], Dict[str, str]]
 
 
-def manifest_key(path: str, root: Optional[str]) -> str:
-    """The manifest key of a video: its path relative to ``root`` ('/'-separated) when it lies
-    inside, else its absolute path."""
-    absolute = os.path.abspath(path)
-    if root:
-        base = os.path.abspath(root)
-        if absolute == base or absolute.startswith(base.rstrip(os.sep) + os.sep):
-            return Path(os.path.relpath(absolute, base)).as_posix()
-    return absolute
+# H.264: no B-frames (frames are decoded in the order they are shown, so a seek decodes nothing it
+# does not keep), x264's fastdecode tuning (CAVLC, no deblocking: the cheapest H.264 to decode),
+# crf 23 (x264's default quality). VP9 and MJPEG: the formats DALI's CPU decoder also reads.
+FORMATS: Dict[str, Format] = {
+    "h264": Format("libx264", ".mp4", "yuv420p", "limited",
+                   lambda gop: {"g": str(gop), "bf": "0", "crf": "23", "preset": "veryfast", "tune": "fastdecode"}),
+    "vp9": Format("libvpx-vp9", ".webm", "yuv420p", "limited",
+                  lambda gop: {"g": str(gop), "crf": "32", "b:v": "0", "deadline": "realtime", "cpu-used": "8"}),
+    "mjpeg": Format("mjpeg", ".avi", "yuvj420p", "full", lambda gop: {"q:v": "3"}),
+}
+CODECS = tuple(FORMATS)
 
 
-def _file_state(path: str) -> Dict:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return {"bytes": None, "mtime_ns": None}
-    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+@dataclasses.dataclass(frozen=True)
+class CopySettings:
+    """What :func:`reencode_video` writes: ``codec`` (a key of :data:`FORMATS`), short side at most
+    ``short_side`` pixels (a smaller video keeps its size), a key frame every ``gop`` frames (1: all
+    intra; MJPEG is always all-intra), and at most ``max_fps`` frames per second (None: every frame)."""
 
+    codec: str = "h264"
+    short_side: int = 224
+    gop: int = 1
+    max_fps: Optional[float] = None
 
-def is_current(record: Dict, path: str) -> bool:
-    """Whether ``path`` is still the file ``record`` describes (same size and modification time).
-    Records written before these fields existed are not trusted."""
-    if record.get("bytes") is None or record.get("mtime_ns") is None:
-        return False
-    return _file_state(path) == {"bytes": record["bytes"], "mtime_ns": record["mtime_ns"]}
-
-
-class Manifest(dict):
-    """key -> record of a manifest (later records win), with what could not be read in ``skipped``
-    ("line N: reason") and :meth:`find` to look a video up by its path."""
-
-    def __init__(self, path: str):
-        super().__init__()
-        self.path = path
-        self.skipped: List[str] = []
-        self._by_absolute: Optional[Dict[str, Dict]] = None
-
-    def find(self, path: str, root: Optional[str] = None) -> Optional[Dict]:
-        """The record of the video at ``path``: by its key under ``root`` (a dataset's root), else by
-        its absolute path (each record's ``root`` joined to its key)."""
-        if root:
-            record = self.get(manifest_key(path, root))
-            if record is not None:
-                return record
-        if self._by_absolute is None:
-            self._by_absolute = {os.path.abspath(os.path.join(r.get("root") or "", k)): r for k, r in self.items()}
-        return self._by_absolute.get(os.path.abspath(path))
-
-    @property
-    def unreadable(self) -> int:
-        return sum(not r["ok"] for r in self.values())
-
-
-def _check_manifest_path(path: str) -> None:
-    if os.path.isdir(path):
-        raise ValueError(f"--manifest {path} is a folder; name a file, e.g. {os.path.join(path, 'manifest.jsonl')}")
-
-
-def read_manifest(path: str) -> Manifest:
-    """Every readable record of a manifest; unreadable lines are skipped and listed in ``.skipped``
-    (a torn last line, invalid UTF-8, JSON that is not an object, a record without ``path`` / ``ok``)."""
-    manifest = Manifest(path)
-    if not os.path.exists(path):
-        return manifest
-    _check_manifest_path(path)
-    with open(path, "rb") as f:
-        data = f.read()
-    lines = data.split(b"\n")
-    for number, raw in enumerate(lines, 1):
-        if not raw.strip():
-            continue
-        torn = number == len(lines)  # no newline after it: a run killed while writing it
-        try:
-            record = json.loads(raw.decode("utf-8"))
-        except UnicodeDecodeError:
-            manifest.skipped.append(f"line {number}: not UTF-8")
-            continue
-        except json.JSONDecodeError:
-            manifest.skipped.append(f"line {number}: {'torn (a killed run)' if torn else 'not JSON'}")
-            continue
-        if not isinstance(record, dict):
-            manifest.skipped.append(f"line {number}: not a JSON object")
-        elif not isinstance(record.get("path"), str) or not isinstance(record.get("ok"), bool):
-            manifest.skipped.append(f"line {number}: a record needs a string 'path' and a boolean 'ok'")
-        else:
-            manifest[record["path"]] = record
-    if manifest.skipped:
-        log.warning("%s: %d unreadable lines skipped (%s)", path, len(manifest.skipped), "; ".join(manifest.skipped[:3]))
-    return manifest
-
-
-def _as_manifest(manifest: Union[str, os.PathLike, Manifest]) -> Manifest:
-    return manifest if isinstance(manifest, Manifest) else read_manifest(os.fspath(manifest))
-
-
-class _Appender:
-    """Appends records to the manifest, each on its own line, flushed as it is written."""
-
-    def __init__(self, path: str):
-        _check_manifest_path(path)
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, "ab")
-        if self.file.tell() > 0:
-            with open(path, "rb") as f:
-                f.seek(-1, os.SEEK_END)
-                if f.read(1) != b"\n":  # a torn last line: never glue a record onto it
-                    self.file.write(b"\n")
-
-    def write(self, record: Dict) -> None:
-        self.file.write(json.dumps(record).encode("utf-8") + b"\n")
-        self.file.flush()
-
-    def close(self) -> None:
-        self.file.close()
+    def __post_init__(self):
+        if self.codec not in FORMATS:
+            raise ValueError(f"codec must be one of {list(FORMATS)}, got {self.codec!r}")
+        if isinstance(self.short_side, bool) or not isinstance(self.short_side, int) or self.short_side < 2:
+            raise ValueError(f"short_side must be an int of at least 2 pixels, got {self.short_side!r}")
+        if isinstance(self.gop, bool) or not isinstance(self.gop, int) or self.gop < 1:
+            raise ValueError(f"gop must be an int >= 1, got {self.gop!r}")
+        if self.max_fps is not None and not (isinstance(self.max_fps, (int, float)) and self.max_fps > 0):
+            raise ValueError(f"max_fps must be a positive number or None, got {self.max_fps!r}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -179,36 +95,18 @@ class _Appender:
 
 
 def _empty_record(path: str) -> Dict:
-    return {"path": path, "ok": False, "codec": None, "frames": 0, "fps": None, "width": None, "height": None,
-            "rotation": 0, "duration": None, **_file_state(path), "prepared": None, "error": None}
+    return {"path": path, "ok": False, "codec": None, "frames": 0, "key_frames": [], "pts": None, "fps": None,
+            "width": None, "height": None, "rotation": 0, "color_range": None, "duration": None,
+            **state_fields(path), "prepared": None, "prepared_index": None, "error": None}
 
 
 def probe_video(path: str) -> Dict:
-    """Codec, frame count (by decoding), fps, size, duration and file state of a video; ``ok`` False
-    with the error when it cannot be used."""
-    from .pyav_reader import _open, check_frame_size, display_rotation
-
+    """The manifest record of a video, probed by decoding every frame (:func:`~.probe.probe_file`):
+    codec, frame index, fps, size, rotation, colour range, duration and file state; ``ok`` False with
+    the ``error`` when it cannot be used."""
     record = _empty_record(path)
     try:
-        container = _open(path)  # refuses missing files, non-videos and oversized frames
-        try:
-            stream = container.streams.video[0]
-            record.update(codec=stream.codec_context.name, width=stream.codec_context.width,
-                          height=stream.codec_context.height,
-                          fps=float(stream.average_rate) if stream.average_rate else None)
-            frames = 0
-            for frame in container.decode(stream):  # decode, not just demux: proves the file reads
-                check_frame_size(path, frame.width, frame.height)
-                if frames == 0:
-                    record["rotation"] = display_rotation(frame)
-                frames += 1
-            record["frames"] = frames
-            if stream.duration is not None and stream.time_base is not None:
-                record["duration"] = float(stream.duration * stream.time_base)
-        finally:
-            container.close()
-        if record["frames"] == 0:
-            raise VideoDecodeError(path, "the video stream holds no frames")
+        record.update(probe_file(path, full_decode=True).record())
         record["ok"] = True
     except VideoDecodeError as exc:
         record["error"] = exc.reason
@@ -217,64 +115,107 @@ def probe_video(path: str) -> Dict:
     return record
 
 
-def reencode_video(src: str, dst: str, codec: str = "vp9", short_side: int = 256, gop: int = 8,
-                   rotation: Optional[int] = None) -> None:
-    """Write a decode-friendly copy of ``src``: short side ``short_side`` (even sizes), GOP ``gop``,
-    upright (``rotation``, degrees counter-clockwise, is applied to the pixels; probed when None),
-    one frame per decoded frame at the average rate (variable frame rate becomes constant). Frames
-    whose size changes mid-stream are scaled to the first frame's output size."""
-    import av
+def copy_size(width: int, height: int, short_side: int) -> tuple:
+    """(width, height) of a copy: the short side scaled to ``short_side`` unless it is shorter already
+    (never upscaled), both rounded down to even numbers (4:2:0 chroma needs them)."""
+    scale = min(1.0, short_side / min(width, height))
+    return max(2, int(width * scale) // 2 * 2), max(2, int(height * scale) // 2 * 2)
 
-    from .pyav_reader import Scaler, _open, _upright, probe_stream
 
-    if codec not in CODECS:
-        raise ValueError(f"codec must be one of {sorted(CODECS)}, got {codec!r}")
-    if rotation is None:
-        rotation = probe_stream(src)[2]
-    quarter = int(round(rotation / 90.0)) % 4
-    name, _, pix_fmt = CODECS[codec]
+def kept_frames(fps: Optional[float], max_fps: Optional[float]):
+    """A predicate on decoded-frame indices: which frames a copy capped at ``max_fps`` keeps (all of
+    them when there is no cap or the video is not faster). Output frame ``k`` (at time ``k / max_fps``)
+    is the source frame nearest that time, ``round(k * fps / max_fps)``: FFmpeg's ``fps`` filter's
+    choice (as CLIP4Clip's compress_video.py runs it), on frame indices rather than timestamps."""
+    if max_fps is None or not fps or fps <= max_fps:
+        return lambda i: True
+    step = fps / max_fps
+
+    def keep(i: int) -> bool:
+        k = int(i / step + 0.5)  # the output frame nearest this source frame...
+        return int(k * step + 0.5) == i  # ...keeps it when this is the source frame nearest to it
+
+    return keep
+
+
+def reencode_video(src: str, dst: str, settings: CopySettings = CopySettings(), probe: Optional[VideoProbe] = None) -> VideoProbe:
+    """Write the copy of ``src`` that ``settings`` describe to ``dst`` (atomically: a killed run
+    leaves no half file under that name) and return the copy's probe (decoded: its exact frame index).
+
+    One output frame per decoded source frame (or per kept frame, with ``max_fps``), evenly spaced
+    at the source's average frame rate (variable frame rate becomes constant); every frame scaled to
+    the first frame's output size; rotation applied to the pixels (the copy is upright); colours
+    converted from the source's range (full or limited, as each decoded frame says) to the format's,
+    and the source's colour matrix, primaries and transfer tagged on the copy."""
+    if not isinstance(settings, CopySettings):
+        raise TypeError(f"settings must be a CopySettings, got {type(settings).__name__}")
+    av = import_av()
+    from .pyav_reader import Scaler, upright
+
+    probe = probe or probe_file(src)
+    fmt = FORMATS[settings.codec]
+    quarter = quarter_turns(probe.rotation)
+    w, h = (probe.height, probe.width) if quarter % 2 else (probe.width, probe.height)
+    width, height = copy_size(w, h, settings.short_side)
+    keep = kept_frames(probe.fps, settings.max_fps)
     os.makedirs(os.path.dirname(os.path.abspath(dst)), exist_ok=True)
-    tmp = dst + ".part" + os.path.splitext(dst)[1]
     scaler = Scaler()
-    try:
-        with _open(src) as inp, av.open(tmp, mode="w") as out:
+    dst_range = "JPEG" if fmt.color_range == "full" else "MPEG"
+    with atomic_path(dst) as tmp:
+        with open_video(src) as inp, av.open(tmp, mode="w", format=_muxer(fmt)) as out:
             vin = inp.streams.video[0]
-            w, h = vin.codec_context.width, vin.codec_context.height
-            if quarter % 2:
-                w, h = h, w
-            scale = short_side / min(w, h)
-            width, height = max(2, round(w * scale / 2) * 2), max(2, round(h * scale / 2) * 2)
-            rate = Fraction(vin.average_rate or 25).limit_denominator(1001000)
-            vout = out.add_stream(name, rate=rate)
-            vout.width, vout.height, vout.pix_fmt = width, height, pix_fmt
-            vout.options = {"g": str(gop)} if codec != "mjpeg" else {"q:v": "3"}
-            if codec == "vp9":
-                vout.options.update({"crf": "32", "b:v": "0", "deadline": "realtime", "cpu-used": "8"})
-            time_base = 1 / rate
+            vin.thread_type = "AUTO"
+            source_rate = Fraction(vin.average_rate or 25).limit_denominator(1001000)
+            rate = source_rate
+            if settings.max_fps is not None and probe.fps and probe.fps > settings.max_fps:
+                rate = Fraction(settings.max_fps).limit_denominator(1001)
+            vout = out.add_stream(fmt.encoder, rate=rate)
+            vout.width, vout.height, vout.pix_fmt = width, height, fmt.pix_fmt
+            vout.options = fmt.options(settings.gop)
+            vout.codec_context.color_range = 2 if fmt.color_range == "full" else 1
+            written = 0
             for index, frame in enumerate(inp.decode(vin)):
+                if not keep(index):
+                    continue
+                if written == 0:  # the source's colour description, carried to the copy
+                    for name in ("colorspace", "color_primaries", "color_trc"):
+                        setattr(vout.codec_context, name, getattr(frame, name))
                 if quarter:
-                    upright = _upright(scaler.rgb(frame), rotation)
-                    frame = av.VideoFrame.from_ndarray(upright, format="rgb24")
-                frame = scaler(frame, width, height, pix_fmt)
-                frame.pts, frame.time_base = index, time_base  # one frame per decoded frame, evenly spaced
+                    turned = av.VideoFrame.from_ndarray(upright(scaler.rgb(frame), probe.rotation), format="rgb24")
+                    turned.colorspace = frame.colorspace  # the RGB -> YUV matrix: the source's
+                    frame = turned
+                frame = scaler(frame, width, height, fmt.pix_fmt, dst_color_range=dst_range)
+                frame.pts, frame.time_base = written, 1 / rate  # evenly spaced
+                frame.pict_type = av.video.frame.PictureType.NONE  # the source's I-frames force no key frames
                 for packet in vout.encode(frame):
                     out.mux(packet)
+                written += 1
             for packet in vout.encode():
                 out.mux(packet)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    return probe_file(dst, full_decode=True)
 
 
-def _prepare_one(job) -> Dict:
-    path, key, root, out_path, codec, short_side, gop = job
-    record = probe_video(path)
-    record["path"], record["root"] = key, root
-    if record["ok"] and out_path:
+def _muxer(fmt: Format) -> str:
+    return {".mp4": "mp4", ".webm": "webm", ".avi": "avi"}[fmt.suffix]
+
+
+class Job(NamedTuple):
+    path: str  # the video
+    key: str  # its manifest key
+    root: str  # the root its key is relative to
+    copy: Optional[str]  # where its copy goes (None: probe only)
+    settings: CopySettings
+
+
+def prepare_one(job: Job) -> Dict:
+    """The manifest record of one video: probed, and copied when the job names a copy."""
+    record = probe_video(job.path)
+    record["path"], record["root"] = job.key, job.root
+    if record["ok"] and job.copy:
         try:
-            reencode_video(path, out_path, codec, short_side, gop, record["rotation"])
-            record["prepared"] = out_path
+            copy = reencode_video(job.path, job.copy, job.settings, VideoProbe.from_record(record))
+            record["prepared"] = job.copy
+            record["prepared_index"] = {**copy.record(), **state_fields(job.copy)}
         except Exception as exc:
             record["ok"], record["error"] = False, f"re-encoding failed: {type(exc).__name__}: {exc}"
     return record
@@ -341,8 +282,8 @@ def _crash_record(job, processes) -> Dict:
             "error": f"the worker decoding it died{how}: a decoder crash or the out-of-memory killer"}
 
 
-def run_jobs(jobs: List[tuple], workers: int, on_record: Callable[[Dict], None],
-             worker: Callable[[tuple], Dict] = _prepare_one) -> int:
+def run_jobs(jobs: List[Job], workers: int, on_record: Callable[[Dict], None],
+             worker: Callable[[Job], Dict] = prepare_one) -> int:
     """Run ``worker`` over ``jobs`` on ``workers`` processes, calling ``on_record`` with each result.
 
     A worker process that dies (segfault, SIGKILL) breaks the pool and every unfinished job with it.
@@ -404,129 +345,80 @@ def run_jobs(jobs: List[tuple], workers: int, on_record: Callable[[Dict], None],
     return crashed
 
 
-# ----------------------------------------------------------------------------------------------------
-# Loaders' side
-
-
-def exclude_bad(dataset: VideoDataset, manifest: Union[str, os.PathLike, Manifest], use_prepared: bool = True) -> VideoDataset:
-    """The dataset without the files the manifest marks unreadable (re-encoded copies swapped in).
-    Records of files that changed since they were probed are ignored (the loaders check those files
-    at run time); re-run ``stop-fast prepare`` to refresh them."""
-    records = _as_manifest(manifest)
-    keep = []
-    dropped = stale = 0
-    for s in dataset.samples:
-        r = records.find(s.path, dataset.root)
-        if r is not None and not is_current(r, s.path):
-            stale += 1
-            r = None
-        if r is not None and not r["ok"]:
-            dropped += 1
-            continue
-        if use_prepared and r is not None and r.get("prepared") and os.path.isfile(r["prepared"]):
-            s = dataclasses.replace(s, path=r["prepared"])
-        keep.append(s)
-    if dropped:
-        log.warning("%s: %d unreadable videos left out (see %s)", dataset.name, dropped, records.path)
-    if stale:
-        log.warning("%s: %d videos changed since %s was written; re-run `stop-fast prepare`", dataset.name, stale,
-                    records.path)
-    return dataclasses.replace(dataset, samples=keep)
 
 
 # ----------------------------------------------------------------------------------------------------
-# The command
+# A dataset
 
 
-def _video_files(folder: Path) -> Iterable[str]:
-    for p in sorted(folder.rglob("*")):
-        if p.suffix.lower() in VIDEO_SUFFIXES and p.is_file():
-            yield str(p)
-
-
-def copy_path(reencode_dir: str, key: str, codec: str) -> str:
+def copy_path(copy_dir: str, key: str, codec: str) -> str:
     """Where the copy of the video with manifest key ``key`` goes: its relative path and full name
-    (suffix included, so ``same.mp4`` and ``same.avi`` get different copies) under ``reencode_dir``."""
+    (suffix included, so ``same.mp4`` and ``same.avi`` get different copies) under ``copy_dir``,
+    plus the format's suffix; videos outside the root under ``_outside_root/``."""
     if os.path.isabs(key):
         key = os.path.join(OUTSIDE_ROOT, os.path.relpath(key, os.path.abspath(os.sep)))
-    return os.path.join(reencode_dir, key + CODECS[codec][1])
+    return os.path.join(copy_dir, key + FORMATS[codec].suffix)
 
 
-def _inside(path: str, folder: str) -> bool:
+def inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (symbolic links resolved)."""
     path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
-def _check_arguments(args) -> Path:
-    if args.short_side is None or args.short_side < 2:
-        raise ValueError(f"--short-side must be at least 2 pixels, got {args.short_side}")
-    if args.gop < 1:
-        raise ValueError(f"--gop must be at least 1, got {args.gop}")
-    if args.workers < 1:
-        raise ValueError(f"--workers must be at least 1, got {args.workers}")
-    if args.codec not in CODECS:
-        raise ValueError(f"--codec must be one of {sorted(CODECS)}, got {args.codec!r}")
-    _check_manifest_path(args.manifest)
-    if args.dataset:
-        if not args.root:
-            raise ValueError("--dataset needs --root, the dataset's folder")
-        base = Path(args.root)
-        if not base.is_dir():
-            raise ValueError(f"--root must be a folder, got {base}")
-    else:
-        base = Path(args.videos)
-        if not base.is_dir():
-            raise ValueError(f"--videos must be a folder, got {base}")
-    if args.reencode_dir and _inside(args.reencode_dir, str(base)):
-        flag = "--root" if args.dataset else "--videos"
-        raise ValueError(f"--reencode-dir {args.reencode_dir} lies inside {flag} {base}: the copies would replace "
-                         "originals or be re-encoded on the next run; choose a folder outside it")
-    return base
+@dataclasses.dataclass
+class PrepareResult:
+    """What a :func:`prepare` run did: ``summary`` (the counts the command prints as JSON), the
+    records of the videos found unreadable in this run, and the manifest lines that could not be
+    read (``"line N: reason"``)."""
+
+    summary: Dict
+    unreadable: List[Dict]
+    skipped_lines: List[str]
 
 
-def run_prepare(args) -> int:
-    import tqdm as tqdm_module
-
-    from .pyav_reader import _import_av
-
-    base = _check_arguments(args)
-    _import_av()  # a missing PyAV is one line here, not a traceback from every worker
-    root = os.path.abspath(base)
-    if args.dataset:
-        paths = [s.path for s in build_dataset(args.dataset, args.root, args.split).samples]
-    else:
-        paths = list(_video_files(base))
-    videos = {}  # key -> path: a video named twice (relative and absolute) is one video
+def prepare(paths: Iterable[str], root: str, manifest: str, copy_dir: Optional[str] = None,
+            settings: CopySettings = CopySettings(), workers: int = 1,
+            on_record: Optional[Callable[[Dict], None]] = None) -> PrepareResult:
+    """Probe (and with ``copy_dir``, copy) every video of ``paths`` not yet in ``manifest`` or changed
+    since, on ``workers`` processes, appending each record as it is done. Videos are keyed by their
+    path relative to ``root`` (a video named twice, relatively and absolutely, is one video).
+    ``on_record`` sees each new record (a progress bar). A ``copy_dir`` equal to or inside ``root``
+    is refused: the copies would replace originals or be copied again on the next run."""
+    import_av()  # a missing PyAV is one error here, not one per worker
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be an int >= 1, got {workers!r}")
+    if not os.path.isdir(root):
+        raise ValueError(f"root must be a folder, got {root}")
+    check_manifest_path(manifest)
+    if copy_dir is not None and inside(copy_dir, root):
+        raise ValueError(f"the copy folder {copy_dir} lies inside the videos' root {root}: the copies would replace "
+                         "originals or be copied again on the next run; choose a folder outside it")
+    root = os.path.abspath(root)
+    videos: Dict[str, str] = {}  # key -> path: a video named twice (relative and absolute) is one video
     for p in paths:
         videos.setdefault(manifest_key(p, root), p)
-    done = read_manifest(args.manifest)
+    done = read_manifest(manifest)
     todo = [(p, k) for k, p in videos.items() if k not in done or not is_current(done[k], p)]
-    jobs = [(p, k, root, copy_path(args.reencode_dir, k, args.codec) if args.reencode_dir else None,
-             args.codec, args.short_side, args.gop) for p, k in todo]
+    jobs = [Job(p, k, root, copy_path(copy_dir, k, settings.codec) if copy_dir else None, settings) for p, k in todo]
     bad: List[Dict] = []
     totals = dict(done)
-    appender = _Appender(args.manifest)
-    tqdm_module.tqdm.monitor_interval = 0  # no monitor thread: the workers fork from this process
-    progress = tqdm_module.tqdm(total=len(jobs), desc="prepare", unit="video")
+    writer = ManifestWriter(manifest)
 
-    def on_record(record: Dict) -> None:
-        appender.write(record)
+    def record_done(record: Dict) -> None:
+        writer.write(record)
         totals[record["path"]] = record
-        progress.update(1)
         if not record["ok"]:
             bad.append(record)
+        if on_record is not None:
+            on_record(record)
 
     try:
-        crashed = run_jobs(jobs, args.workers, on_record) if jobs else 0
+        crashed = run_jobs(jobs, workers, record_done) if jobs else 0
     finally:
-        progress.close()
-        appender.close()
-    for line in done.skipped:
-        print(f"manifest {args.manifest}: skipped {line}")
-    for r in bad:
-        print(f"unreadable: {os.path.join(root, r['path'])}: {r['error']}")
-    print(json.dumps({"videos": len(videos), "already_in_manifest": len(videos) - len(todo), "probed": len(jobs),
-                      "unreadable": len(bad), "workers_died": crashed, "manifest": args.manifest,
-                      "manifest_videos": len(totals), "manifest_unreadable": sum(not r["ok"] for r in totals.values()),
-                      "manifest_lines_skipped": len(done.skipped)}))
-    return 0
+        writer.close()
+    summary = {"videos": len(videos), "already_in_manifest": len(videos) - len(todo), "probed": len(jobs),
+               "unreadable": len(bad), "workers_died": crashed, "manifest": manifest,
+               "manifest_videos": len(totals), "manifest_unreadable": sum(not r["ok"] for r in totals.values()),
+               "manifest_lines_skipped": len(done.skipped)}
+    return PrepareResult(summary, bad, list(done.skipped))

@@ -9,6 +9,7 @@ import torch
 
 from .dali_reader import dali_available, import_dali, read_clip_dali
 from .errors import VideoDecodeError
+from .probe import VideoProbe
 from .pyav_reader import read_clip_pyav
 from .sampling import MODES
 from .transforms import resize_crop_normalise
@@ -24,6 +25,7 @@ def read_video_clip(
     backend: str = "auto",
     seed: Optional[int] = None,
     flip: bool = False,
+    probe: Optional[VideoProbe] = None,
 ) -> torch.Tensor:
     """Decode ``num_frames`` frames of ``path`` -> float32 (num_frames, 3, size, size), CLIP-normalised.
 
@@ -34,7 +36,8 @@ def read_video_clip(
     resized. ``seed`` makes training sampling repeatable. ``backend``: ``"pyav"`` (FFmpeg on the CPU,
     any codec), ``"dali"`` (NVIDIA DALI: NVDEC where there is a GPU, DALI's CPU decoder for VP8 / VP9
     / MJPEG otherwise), ``"auto"`` (DALI on a GPU when DALI is installed, falling back to PyAV for
-    what NVDEC cannot read; PyAV elsewhere). Any failure
+    what NVDEC cannot read; PyAV elsewhere). ``probe``: the file's frame index (a ``prepare``
+    manifest's, :meth:`VideoProbe.from_record`); None probes the file once per process. Any failure
     raises :class:`VideoDecodeError` naming the file.
     """
     if mode not in MODES:
@@ -49,14 +52,14 @@ def read_video_clip(
     frames = None
     if backend == "dali":
         import_dali()  # a missing package is named before any file is touched
-        frames = read_clip_dali(os.fspath(path), num_frames, mode, rng)
+        frames = read_clip_dali(os.fspath(path), num_frames, mode, rng, probe=probe)
     elif backend == "auto" and torch.cuda.is_available() and dali_available():
         try:
-            frames = read_clip_dali(os.fspath(path), num_frames, mode, rng)
+            frames = read_clip_dali(os.fspath(path), num_frames, mode, rng, probe=probe)
         except VideoDecodeError:  # a codec NVDEC lacks (MPEG-4 Part 2, ...): FFmpeg reads it, same draws
             rng = random.Random(seed)
     if frames is None:
-        frames = read_clip_pyav(path, num_frames, mode, rng, size=size)  # scaled while still uint8
+        frames = read_clip_pyav(path, num_frames, mode, rng, size=size, probe=probe)  # scaled while still uint8
     try:
         return resize_crop_normalise(frames, size, mode, rng, flip=flip and mode == "train")
     except ValueError as exc:

@@ -24,11 +24,8 @@ def resize_crop_normalise(frames: torch.Tensor, size: int, mode: str = "eval",
     """
     if frames.dim() != 4 or frames.shape[-1] != 3:
         raise ValueError(f"frames must be (T, H, W, 3), got {tuple(frames.shape)}")
-    x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
-    h, w = x.shape[-2:]
+    h, w = frames.shape[1:3]
     new_h, new_w = resized_shape(h, w, size)
-    if (new_h, new_w) != (h, w):
-        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
     if position is not None:
         top, left = round((new_h - size) * position[0]), round((new_w - size) * position[1])
     elif mode == "train":
@@ -36,7 +33,12 @@ def resize_crop_normalise(frames: torch.Tensor, size: int, mode: str = "eval",
         top, left = rng.randint(0, new_h - size), rng.randint(0, new_w - size)
     else:
         top, left = (new_h - size) // 2, (new_w - size) // 2
-    x = x[..., top : top + size, left : left + size].clamp_(0.0, 1.0)
+    if (new_h, new_w) != (h, w):
+        x = frames.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, H, W)
+        x = F.interpolate(x, size=(new_h, new_w), mode="bilinear", align_corners=False, antialias=True)
+        x = x[..., top : top + size, left : left + size].clamp_(0.0, 1.0)  # antialiasing overshoots
+    else:  # the readers scale to `size` while decoding: crop the uint8 frames, convert only the crop
+        x = frames[:, top : top + size, left : left + size].permute(0, 3, 1, 2).float().div_(255.0)
     if flip:
         x = x.flip(-1)
     return clip_normalise(x).contiguous()

@@ -3,13 +3,14 @@ video, predictions averaged over the views."""
 from __future__ import annotations
 
 import os
-from typing import List, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
 
 from .errors import VideoDecodeError
-from .pyav_reader import count_frames, decode_frames
+from .probe import VideoProbe, cached_probe
+from .pyav_reader import decode_frames
 from .transforms import resize_crop_normalise
 
 
@@ -31,20 +32,19 @@ def crop_positions(height: int, width: int, num_crops: int) -> List[tuple]:
 
 
 def read_video_views(path: Union[str, os.PathLike], num_frames: int, size: int = 224, num_clips: int = 1,
-                     num_crops: int = 1) -> torch.Tensor:
+                     num_crops: int = 1, probe: Optional[VideoProbe] = None) -> torch.Tensor:
     """All views of one video: float32 (num_clips * num_crops, T, 3, size, size), CLIP-normalised;
-    the crops of a clip are adjacent."""
+    the crops of a clip are adjacent. ``probe``: the file's frame index (None: probed once per
+    process)."""
     if num_crops not in (1, 3):
         raise ValueError(f"num_crops must be 1 or 3, got {num_crops}")
     if num_clips < 1:
         raise ValueError(f"num_clips must be >= 1, got {num_clips}")
     path = os.fspath(path)
-    total = count_frames(path)
-    if total == 0:
-        raise VideoDecodeError(path, "the video stream holds no frames")
+    total = (probe or cached_probe(path)).frames
     clips = view_indices(total, num_frames, num_clips)
     wanted = sorted({i for clip in clips for i in clip})
-    frames, _ = decode_frames(path, wanted, size)  # one common size, scaled while still uint8
+    frames, _ = decode_frames(path, wanted, size, probe)  # one common size, scaled while still uint8
     if len(frames) < len(wanted):
         raise VideoDecodeError(path, "some frames of the evaluation views did not decode")
     by_index = dict(zip(wanted, frames))

@@ -12,11 +12,9 @@ import os
 import stat
 from typing import List, Optional, Sequence, Tuple
 
-log = logging.getLogger(__name__)
+from ..data.datasets import video_files
 
-# The suffixes `stop-fast prepare` treats as videos (stop_fast/data/prepare.py: VIDEO_SUFFIXES).
-VIDEO_SUFFIXES = frozenset({".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".wmv",
-                            ".ts", ".3gp"})
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True, order=True)
@@ -34,13 +32,11 @@ class VideoFile:
 
 def videos_in_folder(folder: str) -> List[str]:
     """Every file under ``folder`` (any depth; symbolic links to folders are not followed) whose
-    suffix is a video's (:data:`VIDEO_SUFFIXES`, any case), as ``stop-fast prepare --videos`` lists them."""
+    suffix is a video's (``stop_fast.data.VIDEO_SUFFIXES``, any case), as ``stop-fast prepare --videos``
+    lists them."""
     if not os.path.isdir(folder):
         raise FileNotFoundError(f"{folder}: no such folder")
-    found = []
-    for dirpath, _, files in os.walk(os.path.abspath(folder)):
-        found += [os.path.join(dirpath, n) for n in files if os.path.splitext(n)[1].lower() in VIDEO_SUFFIXES]
-    return sorted(found)
+    return video_files(os.path.abspath(folder))
 
 
 def videos_in_csv(path: str) -> List[str]:

@@ -83,7 +83,8 @@ class TrainConfig:
     class_template: str = "a video of a person doing {}"
     class_names: Optional[str] = None  # raw or words; None: the dataset's (words for the paper's, raw for a CSV)
     train_captions: Optional[str] = None  # one or all; None: the dataset's (all for MSR-VTT, one elsewhere)
-    decoder: str = "auto"  # auto: DALI on a GPU when installed, else PyAV
+    manifest: Optional[str] = None  # a `stop-fast prepare` manifest: read its copies with their frame indexes
+    decoder: str = "auto"  # auto: DALI on a GPU where NVDEC decodes and DALI is installed, else PyAV
     workers: Optional[int] = None  # PyAV decoding processes, or DALI host threads; None: min(4, usable cores)
 
     # optimisation
@@ -134,8 +135,8 @@ class TrainConfig:
                 raise ValueError("dataset is required (one of " + ", ".join(DATASETS) + ")")
             if not self.video_root:
                 raise ValueError("video_root is required: the dataset's root folder")
-        for name in ("video_root", "train_list", "val_list", "train_split", "val_split", "weights", "resume",
-                     "device", "out", "class_template"):
+        for name in ("video_root", "train_list", "val_list", "train_split", "val_split", "manifest", "weights",
+                     "resume", "device", "out", "class_template"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, str) or not value):
                 raise ValueError(f"{name} must be a non-empty string, got {value!r}")
@@ -247,7 +248,7 @@ class TrainConfig:
 # What a run's config.json lends `eval`, `predict` and `visualize` of its checkpoint: what defines its
 # model and how it is evaluated. Never the device, the workers, or how it trained.
 INHERITED_SETTINGS = ("stop", "weights", "gelu", "seed", "dataset", "video_root", "train_list", "val_list",
-                      "train_split", "val_split", "fold", "eval_frames", "eval_clips", "eval_crops",
+                      "train_split", "val_split", "fold", "manifest", "eval_frames", "eval_clips", "eval_crops",
                       "caption_tokens", "class_template", "class_names")
 
 
@@ -267,7 +268,7 @@ def run_settings(folder: str) -> Dict[str, Any]:
         raise ValueError(f"{path}: not a run record (a JSON object expected)")
     config = read_run_record(record, path)
     values = {name: getattr(config, name) for name in INHERITED_SETTINGS}
-    for name in ("video_root", "train_list", "val_list", "weights"):
+    for name in ("video_root", "train_list", "val_list", "manifest", "weights"):
         if values[name] is not None and not os.path.exists(values[name]):
             values[name] = None
     return {k: v for k, v in values.items() if v is not None}

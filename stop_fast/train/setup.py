@@ -158,15 +158,18 @@ def build_datasets(config: TrainConfig, need_train: bool = True):
 
 def build_loader(config: TrainConfig, dataset, mode: str, info: distributed.Dist, device: torch.device,
                  image_size: int, batch_size: int):
-    """VideoLoader (PyAV) or DaliVideoLoader per ``config.decoder``; multi-view evaluation uses PyAV."""
+    """VideoLoader (PyAV) or DaliVideoLoader per ``config.decoder`` (``auto``: DALI where NVDEC decodes
+    and DALI is installed; DALI's CPU decoder cannot read H.264, the codec of `prepare`'s copies, so a
+    CPU gets PyAV); multi-view evaluation uses PyAV. Both read ``config.manifest``'s copies and indexes."""
     from ..data import VideoLoader
     from ..data.dali_reader import dali_available
+    from ..data.nvdec import nvdec_usable
 
     frames = config.stop.num_frames if mode == "train" else config.eval_num_frames
     views = (config.eval_clips, config.eval_crops) if mode == "eval" else (1, 1)
     decoder = config.decoder
     if decoder == "auto":
-        decoder = "dali" if device.type == "cuda" and dali_available() else "pyav"
+        decoder = "dali" if device.type == "cuda" and dali_available() and nvdec_usable() else "pyav"
     if decoder == "dali" and views != (1, 1):
         if config.decoder == "dali":
             log.info("multi-view evaluation decodes with PyAV (the DALI loader reads one view per video)")
@@ -180,10 +183,10 @@ def build_loader(config: TrainConfig, dataset, mode: str, info: distributed.Dist
         return DaliVideoLoader(dataset, frames, batch_size, size=image_size, mode=mode, seed=config.seed,
                                rank=info.rank, world_size=info.world_size,
                                device="gpu" if device.type == "cuda" else "cpu", dtype=dtype, flip=flip,
-                               num_threads=max(1, config.workers))
+                               num_threads=max(1, config.workers), manifest=config.manifest)
     return VideoLoader(dataset, frames, batch_size, size=image_size, mode=mode, seed=config.seed, rank=info.rank,
                        world_size=info.world_size, num_workers=config.workers, flip=flip, dtype=dtype,
-                       num_clips=views[0], num_crops=views[1])
+                       num_clips=views[0], num_crops=views[1], manifest=config.manifest)
 
 
 def eval_batch_per_rank(global_batch: int, world_size: int, size: Optional[int] = None) -> int:
