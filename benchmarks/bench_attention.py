@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, Unavailable, measure  # noqa: E402
+from common import Case, CaseGroup, Unavailable, run_group  # noqa: E402
 
 PROBLEMS = {  # name: (sequences, shortest, longest)
     "vit_b32": (1536, 50, 62),
@@ -235,7 +235,9 @@ SKIP_ON_CPU = {
 }
 
 
-def cases(ctx) -> List[Case]:
+def cases(ctx) -> List[CaseGroup]:
+    """One interleaved group per problem and step, every implementation a member (FlexAttention, which
+    compiles, is the least important under a time budget)."""
     problems = QUICK_PROBLEMS if ctx.quick else PROBLEMS
     out = []
     for name, (sequences, low, high) in problems.items():
@@ -248,12 +250,16 @@ def cases(ctx) -> List[Case]:
                 state["candidates"] = {}  # one per implementation, shared by its two steps (one compile)
             return state
 
-        for impl in candidates_names():
-            for step in ("forward", "forward_backward"):
+        for step in ("forward", "forward_backward"):
+            members = {}
+            for impl in candidates_names():
                 flex = impl == "flex_document_mask"  # compiles: after the others under a time budget
-                out.append(Case(f"attention/{name}/{impl}/{step}",
-                                lambda impl=impl, step=step, problem=problem: run_case(ctx, problem, impl, step),
-                                estimate_s=40 if flex else 8, priority=1 if flex else 0))
+                members[impl] = Case(f"attention/{name}/{impl}/{step}", None, estimate_s=40 if flex else 8,
+                                     priority=1 if flex else 0)
+            group = f"attention/{name}/{step}"
+            out.append(CaseGroup(group, members, lambda names, step=step, problem=problem, group=group: run_group(
+                group, names, lambda impl: prepare(ctx, problem, impl, step), ctx.device,
+                {**ctx.op_timing, "flush_l2": True})))
     return out
 
 
@@ -262,7 +268,9 @@ def candidates_names() -> List[str]:
             "sdpa_padded_masked", "sdpa_padded_flash_unmasked"]
 
 
-def run_case(ctx, problem, impl: str, step: str) -> Dict[str, Any]:
+def prepare(ctx, problem, impl: str, step: str):
+    """``impl``'s timed callable at ``step`` (built, warmed up and checked against fp32) and the
+    function that turns its timing into the record; a ``skipped`` record where it cannot run."""
     if ctx.device.type == "cpu" and impl in SKIP_ON_CPU:
         return {"skipped": SKIP_ON_CPU[impl]}
     state = problem()
@@ -273,17 +281,21 @@ def run_case(ctx, problem, impl: str, step: str) -> Dict[str, Any]:
     c.forward_backward()  # compile, autotune, warm up
     err = float((c.unpack(c.inference()).float() - truth).abs().max())
     fn = c.inference if step == "forward" else c.forward_backward  # the forward alone without autograd
-    timing = measure(fn, ctx.device, flush_l2=True, **ctx.op_timing)
-    lengths = p["lengths"].double()
-    unit = p["total"] * HEADS * HEAD_DIM * p["qkv"].element_size()  # one packed tensor, bytes
-    nbytes = (4 if step == "forward" else 12) * unit
-    flops = 4 * float((lengths**2).sum()) * HEADS * HEAD_DIM * (1 if step == "forward" else 3.5)
-    seconds = timing["median_ms"] / 1e3
-    copy = ctx.ceilings.get("copy_gbs")
-    result = {**timing, "sequences": int(lengths.numel()), "lengths": [int(lengths.min()), int(lengths.max())],
-              "total_tokens": p["total"], "heads": HEADS, "head_dim": HEAD_DIM, "dtype": str(p["dtype"]).split(".")[-1],
-              "min_bytes": nbytes, "gbs": nbytes / seconds / 1e9, "tflops": flops / seconds / 1e12,
-              "forward_max_abs_err_vs_fp32": err, "correct_by_construction": c.correct}
-    if copy:
-        result["fraction_of_copy_bandwidth"] = result["gbs"] / copy
-    return result
+
+    def finish(timing: Dict[str, Any]) -> Dict[str, Any]:
+        lengths = p["lengths"].double()
+        unit = p["total"] * HEADS * HEAD_DIM * p["qkv"].element_size()  # one packed tensor, bytes
+        nbytes = (4 if step == "forward" else 12) * unit
+        flops = 4 * float((lengths**2).sum()) * HEADS * HEAD_DIM * (1 if step == "forward" else 3.5)
+        seconds = timing["median_ms"] / 1e3
+        copy = ctx.ceilings.get("copy_gbs")
+        result = {**timing, "sequences": int(lengths.numel()), "lengths": [int(lengths.min()), int(lengths.max())],
+                  "total_tokens": p["total"], "heads": HEADS, "head_dim": HEAD_DIM,
+                  "dtype": str(p["dtype"]).split(".")[-1], "min_bytes": nbytes, "gbs": nbytes / seconds / 1e9,
+                  "tflops": flops / seconds / 1e12, "forward_max_abs_err_vs_fp32": err,
+                  "correct_by_construction": c.correct}
+        if copy:
+            result["fraction_of_copy_bandwidth"] = result["gbs"] / copy
+        return result
+
+    return fn, finish

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import Case, bandwidth_record, fused_op_cases, measure  # noqa: E402
+from common import CaseGroup, fused_op_cases  # noqa: E402
 
 SHAPES = {"vit_b32": (1536, 49), "vit_b16": (384, 196)}
 QUICK_SHAPES = {"vit_b32_small": (24, 49)}
@@ -60,7 +60,8 @@ def min_bytes(z, counts, total, intra, inter) -> Dict[str, int]:
     return {"forward": forward, "forward_backward": forward + backward}
 
 
-def run_case(ctx, shape, impl: str, step: str) -> Dict[str, Any]:
+def prepare(ctx, shape, impl: str, step: str) -> Tuple[Callable[[], Any], int, Dict[str, Any]]:
+    """The timed callable of ``impl`` at ``step``, the bytes it must move, the record's fields."""
     from stop_fast.kernels.dispatch import use_triton
 
     z, counts, cu, total, idx, gate, intra, inter, dx = make_inputs(ctx.device, *shape)
@@ -75,12 +76,11 @@ def run_case(ctx, shape, impl: str, step: str) -> Dict[str, Any]:
         torch.autograd.grad(fn(*args), (z, gate, intra, inter), dx)
 
     timed = forward if step == "forward" else forward_backward
-    timing = measure(timed, ctx.device, flush_l2=True, **ctx.op_timing)
     nbytes = min_bytes(z, counts, total, intra, inter)[step]
-    return bandwidth_record(ctx, timing, nbytes, frames=shape[0], patches=shape[1], width=WIDTH, k=K, rho=RHO,
-                            total_tokens=total, dtype=str(z.dtype).split(".")[-1],
-                            backend=("triton" if use_triton(z) else "pytorch") if impl == "stop_fast" else "pytorch")
+    return timed, nbytes, dict(frames=shape[0], patches=shape[1], width=WIDTH, k=K, rho=RHO,
+                               total_tokens=total, dtype=str(z.dtype).split(".")[-1],
+                               backend=("triton" if use_triton(z) else "pytorch") if impl == "stop_fast" else "pytorch")
 
 
-def cases(ctx) -> List[Case]:
-    return fused_op_cases(ctx, "packing", SHAPES, QUICK_SHAPES, IMPLS, run_case)
+def cases(ctx) -> List[CaseGroup]:
+    return fused_op_cases(ctx, "packing", SHAPES, QUICK_SHAPES, IMPLS, prepare)

@@ -4,9 +4,9 @@
 
 ViT-B/32 (stop-tiny with ``--quick``), one axis moved at a time from (B, T, rho) = (--batch, 12, 12):
 T in 8..64, rho in 0..24, B in 8..64. Each point times inference and a training step of the fast and
-reference paths, eager (``bench_model``'s cases and definitions), the fast path's sweep first;
-``--scaling-compiled`` adds the compiled fast path (each point compiles anew). Token counts are
-measured on each point's batch.
+reference paths, eager (``bench_model``'s cases and definitions), interleaved (one group per point
+and mode: their ratio holds under load); ``--scaling-compiled`` adds the compiled fast path (each
+point compiles anew). Token counts are measured on each point's batch.
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import sys
 from typing import List
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_model import MODES, Setup, run_case  # noqa: E402
-from common import Case  # noqa: E402
+from bench_model import MODES, Setup, run_variants  # noqa: E402
+from common import Case, CaseGroup  # noqa: E402
 
 AXES = {"frames": (8, 16, 32, 64), "rho": (0, 4, 12, 24), "batch": (8, 16, 32, 64)}
 # many points: shorter timing than the model cases (the spread is recorded all the same)
@@ -24,7 +24,7 @@ TIMING = {"warmup": 2, "min_reps": 5, "target_s": 0.3}
 QUICK_AXES = {"frames": (4, 8, 16), "rho": (0, 12, 24), "batch": (1, 2, 4)}
 
 
-def cases(ctx) -> List[Case]:
+def cases(ctx) -> List[CaseGroup]:
     name = "stop-tiny" if ctx.quick else "ViT-B-32"
     base = {"batch": ctx.quick_batch(name) if ctx.quick else ctx.batch, "frames": ctx.frames, "rho": 12}
     impls = ["fast", "reference"] + (["fast_compiled"] if ctx.scaling_compiled else [])
@@ -37,10 +37,13 @@ def cases(ctx) -> List[Case]:
             def setup_fn(point=point):
                 return ctx.current_setup(Setup, name, point["batch"], point["frames"], point["rho"])
 
-            for impl in impls:
-                for mode in MODES:
-                    estimate = ctx.compile_estimate if impl == "fast_compiled" else 10
-                    out.append(Case(f"scaling/{name}/{axis}={value}/{impl}/{mode}",
-                                    lambda setup_fn=setup_fn, impl=impl, mode=mode: run_case(ctx, setup_fn, impl, mode, timing),
-                                    estimate_s=estimate, priority=impls.index(impl)))
+            for mode in MODES:
+                members = {impl: Case(f"scaling/{name}/{axis}={value}/{impl}/{mode}", None,
+                                      estimate_s=(lambda mode=mode: ctx.compile_estimate("fast_compiled", mode))
+                                      if impl == "fast_compiled" else 10,
+                                      priority=impls.index(impl))
+                           for impl in impls}
+                group = f"scaling/{name}/{axis}={value}/{mode}"
+                out.append(CaseGroup(group, members, lambda names, setup_fn=setup_fn, mode=mode, group=group:
+                                     run_variants(ctx, setup_fn, names, mode, group, timing)))
     return out

@@ -8,6 +8,12 @@ Timing rules (the same for every case, so figures compare):
 - enough repetitions for about ``target_s`` seconds of timed work (at least ``min_reps``), reported
   as median and 10th / 90th percentiles;
 - peak memory is the CUDA allocator's high-water mark over warm-up and timed calls.
+
+Cases compared in a ratio (the fast path against its reference, against each baseline) are timed
+together by ``measure_interleaved``: in one process, in rounds, each round a block of repetitions of
+every case in turn, so that a change in the machine's load (another process on a shared CPU, a GPU's
+clock) falls on all of them alike. Each ratio is taken per round and reported as the median with the
+10th / 90th percentiles over rounds (``ratio_spread``).
 """
 from __future__ import annotations
 
@@ -49,14 +55,25 @@ def _run(cmd, cwd=None) -> Optional[str]:
     return out.stdout.strip() if out.returncode == 0 else None
 
 
+def dirty_from_env(value: Optional[str]) -> Optional[bool]:
+    """``STOP_FAST_DIRTY``: "1" / "true" (uncommitted changes), "0" / "false" (none); unset: unknown."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("1", "true", "yes"):
+        return True
+    if value.strip().lower() in ("0", "false", "no"):
+        return False
+    raise ValueError(f"STOP_FAST_DIRTY must be 1 or 0, got {value!r}")
+
+
 def commit_info() -> Dict[str, Any]:
     """The commit measured: ``STOP_FAST_COMMIT`` when set (machines that get a copy of the tree
-    without .git; ``STOP_FAST_DIRTY=1`` marks uncommitted changes), else ``git`` in the repository.
+    without .git; ``STOP_FAST_DIRTY`` = 1 / 0 says whether that copy has uncommitted changes, as
+    ``git status`` said where the copy was made), else ``git`` in the repository.
     ``dirty``: uncommitted changes to tracked files, None when unknown."""
     env = os.environ.get("STOP_FAST_COMMIT")
     if env:
-        dirty = os.environ.get("STOP_FAST_DIRTY")
-        return {"commit": env, "dirty": None if dirty is None else dirty not in ("0", "", "false"),
+        return {"commit": env, "dirty": dirty_from_env(os.environ.get("STOP_FAST_DIRTY")),
                 "commit_source": "STOP_FAST_COMMIT"}
     commit = _run(["git", "rev-parse", "HEAD"], cwd=REPO)
     if commit:
@@ -93,8 +110,18 @@ def provenance(device: torch.device) -> Dict[str, Any]:
     """Device, driver, versions, commit and date: every recorded figure carries these."""
     return {**device_info(device), "versions": versions(), **commit_info(),
             "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+            "loadavg_start": load_average(),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv}
+
+
+def load_average() -> Optional[List[float]]:
+    """The host's 1, 5 and 15 minute load averages (how busy a shared machine was), None where the OS
+    has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
 
 
 def datasheet_bf16_tflops(name: str) -> Optional[Dict[str, Any]]:
@@ -135,8 +162,76 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, min
     synchronize(device)
     per_call = (time.perf_counter() - start) / max(warmup, 1)
     reps = int(min(max_reps, max(min_reps, target_s / max(per_call, 1e-6))))
-    times = []
+    out = summarize(_time_block(fn, device, reps, flush))
     if cuda:
+        out["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+        out["peak_memory_above_inputs_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    return out
+
+
+def percentile(values, q: float) -> float:
+    """The ``q``-quantile of ``values`` (nearest rank: always one of the values)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def summarize(times_ms) -> Dict[str, Any]:
+    ordered = sorted(times_ms)
+    return {"median_ms": statistics.median(ordered), "p10_ms": percentile(ordered, 0.1),
+            "p90_ms": percentile(ordered, 0.9), "min_ms": ordered[0], "reps": len(ordered)}
+
+
+def measure_interleaved(fns: Dict[str, Callable[[], Any]], device: torch.device, *, warmup: int = 3,
+                        min_reps: int = 10, max_reps: int = 1000, target_s: float = 1.0, flush_l2: bool = False,
+                        min_rounds: int = 5, max_rounds: int = 15) -> Dict[str, Dict[str, Any]]:
+    """``measure`` for several functions at once, interleaved: after each one's warm-up, rounds of a
+    block of repetitions of every function in turn (A B C, then C B A, and so on: none always first).
+    A function gets about ``target_s`` seconds of timed calls (at least ``min_reps``) spread over the
+    same number of rounds as the others: between ``min_rounds`` and ``max_rounds``, as many as the
+    function with the fewest repetitions allows.
+
+    Returns per function ``measure``'s record (median and spread over all its repetitions, peak
+    memory over its warm-up) plus ``rounds_ms`` (the median of each round's block), ``rounds`` and
+    ``reps_per_round``: ``ratio_spread`` of two functions' ``rounds_ms`` is their ratio under the
+    same conditions, round by round."""
+    if not fns:
+        return {}
+    cuda = device.type == "cuda"
+    flush = _L2Flush(device) if (flush_l2 and cuda) else None
+    out: Dict[str, Dict[str, Any]] = {name: {} for name in fns}
+    total_reps = {}
+    for name, fn in fns.items():
+        if cuda:
+            torch.cuda.reset_peak_memory_stats(device)
+            base = torch.cuda.memory_allocated(device)
+        start = time.perf_counter()
+        for _ in range(max(warmup, 1)):
+            fn()
+        synchronize(device)
+        per_call = (time.perf_counter() - start) / max(warmup, 1)
+        total_reps[name] = int(min(max_reps, max(min_reps, target_s / max(per_call, 1e-6))))
+        if cuda:
+            out[name]["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+            out[name]["peak_memory_above_inputs_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
+    rounds = max(min_rounds, min(max_rounds, min(total_reps.values())))
+    block = {name: max(1, -(-reps // rounds)) for name, reps in total_reps.items()}  # ceil division
+    times: Dict[str, List[List[float]]] = {name: [] for name in fns}
+    order = list(fns)
+    for r in range(rounds):
+        for name in (order if r % 2 == 0 else order[::-1]):
+            times[name].append(_time_block(fns[name], device, block[name], flush))
+    for name in fns:
+        flat = [t for blk in times[name] for t in blk]
+        out[name].update(summarize(flat))
+        out[name].update({"rounds_ms": [statistics.median(blk) for blk in times[name]], "rounds": rounds,
+                          "reps_per_round": block[name]})
+    return out
+
+
+def _time_block(fn: Callable[[], Any], device: torch.device, reps: int, flush: Optional["_L2Flush"]) -> List[float]:
+    """``reps`` back-to-back calls of ``fn``, each timed on its own (ms); the device idle before and after."""
+    if device.type == "cuda":
+        synchronize(device)
         events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
         for begin, end in events:
             if flush is not None:
@@ -145,27 +240,32 @@ def measure(fn: Callable[[], Any], device: torch.device, *, warmup: int = 3, min
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        times = [b.elapsed_time(e) for b, e in events]
-    else:
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    out = summarize(times)
-    if cuda:
-        out["peak_memory_mib"] = round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-        out["peak_memory_above_inputs_mib"] = round((torch.cuda.max_memory_allocated(device) - base) / 2**20, 1)
-    return out
+        return [b.elapsed_time(e) for b, e in events]
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return times
 
 
-def summarize(times_ms) -> Dict[str, Any]:
-    ordered = sorted(times_ms)
+def ratio_spread(numerator_ms: List[float], denominator_ms: List[float]) -> Dict[str, Any]:
+    """The ratio of two interleaved cases' times, round by round (``rounds_ms`` of the same
+    ``measure_interleaved`` call): median and 10th / 90th percentiles over rounds. Below 1: the
+    numerator is faster."""
+    if len(numerator_ms) != len(denominator_ms) or not numerator_ms:
+        raise ValueError(f"ratio_spread needs the same number of rounds on both sides, got "
+                         f"{len(numerator_ms)} and {len(denominator_ms)}")
+    ratios = [a / b for a, b in zip(numerator_ms, denominator_ms)]
+    return {"median": statistics.median(ratios), "p10": percentile(ratios, 0.1), "p90": percentile(ratios, 0.9),
+            "rounds": len(ratios)}
 
-    def pct(q):
-        return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
-    return {"median_ms": statistics.median(ordered), "p10_ms": pct(0.1), "p90_ms": pct(0.9),
-            "min_ms": ordered[0], "reps": len(ordered)}
+def interleaved_ratios(timings: Dict[str, Dict[str, Any]]) -> Dict[str, Dict[str, Dict[str, Any]]]:
+    """For every function of one ``measure_interleaved`` call, its time ratio to each of the others:
+    ``{a: {b: ratio_spread(a, b)}}``."""
+    return {a: {b: ratio_spread(ta["rounds_ms"], tb["rounds_ms"]) for b, tb in timings.items() if b != a}
+            for a, ta in timings.items()}
 
 
 def first_call_s(fn: Callable[[], Any], device: torch.device) -> float:
@@ -283,6 +383,66 @@ class Case:
         return f"Case({self.id!r})"
 
 
+class CaseGroup:
+    """Cases timed together, interleaved, in one process (``measure_interleaved``), because they are
+    compared in ratios. ``members``: short name (a variant, an implementation) -> Case (its full id,
+    cost estimate and priority; its ``run`` unused); ``run(names)`` measures the members named (those
+    selected and within the time budget) and returns ``{name: record}``. Its priority is its most
+    important member's."""
+
+    def __init__(self, id: str, members: Dict[str, "Case"], run: Callable[[List[str]], Dict[str, Dict[str, Any]]]):
+        self.id, self.members, self.run = id, members, run
+        self.priority = min(m.priority for m in members.values())
+
+    def __repr__(self) -> str:
+        return f"CaseGroup({self.id!r}, {list(self.members)})"
+
+
+Built = Any  # (timed callable, finish(timing) -> record), or a record when the member cannot run here
+
+
+def run_group(group: str, names: List[str], build: Callable[[str], Built], device: torch.device,
+              timing: Dict[str, Any]) -> Dict[str, Dict[str, Any]]:
+    """Measure the members ``names`` of one group interleaved and return ``{name: record}``.
+
+    ``build(name)`` prepares a member (compiles it, checks it) and returns its timed callable with a
+    ``finish(timing) -> record`` that turns its timing into the record, or a record (``{"skipped":
+    why}``) when it cannot run here; one that raises is recorded as skipped (``Unavailable``) or as an
+    error, and the others still run. Every timed record gets ``interleaved`` (the group, its members,
+    the rounds) and ``ratios``: its time over each other member's, per round (``ratio_spread``)."""
+    records: Dict[str, Dict[str, Any]] = {}
+    fns: Dict[str, Callable[[], Any]] = {}
+    finishers: Dict[str, Callable[[Dict[str, Any]], Dict[str, Any]]] = {}
+    for name in names:
+        try:
+            built = build(name)
+        except Unavailable as exc:
+            records[name] = {"skipped": f"unavailable: {exc}"}
+            continue
+        except Exception as exc:  # noqa: BLE001 - one member failing must not lose the others
+            records[name] = {"error": describe_error(exc)}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            continue
+        if isinstance(built, dict):
+            records[name] = built
+        else:
+            fns[name], finishers[name] = built
+    timings = measure_interleaved(fns, device, **timing)
+    for name, t in timings.items():
+        try:
+            records[name] = finishers[name](t)
+        except Exception as exc:  # noqa: BLE001
+            records[name] = {"error": describe_error(exc)}
+    ratios = interleaved_ratios(timings)
+    for name in timings:
+        if "error" not in records[name]:
+            records[name]["interleaved"] = {"group": group, "members": list(timings), "rounds": timings[name]["rounds"],
+                                            "reps_per_round": timings[name]["reps_per_round"]}
+            records[name]["ratios"] = ratios[name]
+    return {name: records[name] for name in names}
+
+
 def bandwidth_record(ctx, timing: Dict[str, Any], nbytes: int, **fields: Any) -> Dict[str, Any]:
     """A memory-bound op's record: its timing, the bytes it must move at least, GB/s and the
     fraction of the copy bandwidth measured in the same run."""
@@ -293,17 +453,28 @@ def bandwidth_record(ctx, timing: Dict[str, Any], nbytes: int, **fields: Any) ->
 
 
 def fused_op_cases(ctx, group: str, shapes: Dict[str, Any], quick_shapes: Dict[str, Any],
-                   impls, run_case: Callable[..., Dict[str, Any]]) -> List["Case"]:
-    """``group/<shape>/<impl>/<forward|forward_backward>`` cases of a fused op against PyTorch
-    (eager and compiled); compiled PyTorch runs last and is skipped on a CPU unless asked for."""
+                   impls, prepare: Callable[..., Any]) -> List[CaseGroup]:
+    """``group/<shape>/<impl>/<forward|forward_backward>`` cases of a fused op against PyTorch (eager
+    and compiled): one interleaved group per shape and step, the L2 flushed between repetitions.
+    ``prepare(ctx, shape, impl, step)`` returns (the timed callable, bytes moved at least, the
+    record's other fields). Compiled PyTorch is the least important member and is left out on a CPU
+    unless asked for."""
     out = []
     for name, shape in (quick_shapes if ctx.quick else shapes).items():
-        for impl in impls:
-            if impl == "pytorch_compiled" and ctx.device.type == "cpu" and (ctx.quick or not ctx.compile_on_cpu):
-                continue  # a minute of CPU compile per case; the quick CPU run compiles only the model
-            for step in ("forward", "forward_backward"):
-                out.append(Case(f"{group}/{name}/{impl}/{step}",
-                                lambda shape=shape, impl=impl, step=step: run_case(ctx, shape, impl, step),
-                                estimate_s=30 if impl == "pytorch_compiled" else 5,
-                                priority=1 if impl == "pytorch_compiled" else 0))
+        for step in ("forward", "forward_backward"):
+            members = {}
+            for impl in impls:
+                if impl == "pytorch_compiled" and ctx.device.type == "cpu" and (ctx.quick or not ctx.compile_on_cpu):
+                    continue  # a minute of CPU compile per case; the quick CPU run compiles only the model
+                members[impl] = Case(f"{group}/{name}/{impl}/{step}", None,
+                                     estimate_s=30 if impl == "pytorch_compiled" else 5,
+                                     priority=1 if impl == "pytorch_compiled" else 0)
+
+            def build(impl, shape=shape, step=step):
+                fn, nbytes, fields = prepare(ctx, shape, impl, step)
+                return fn, lambda timing: bandwidth_record(ctx, timing, nbytes, **fields)
+
+            out.append(CaseGroup(f"{group}/{name}/{step}", members,
+                                 lambda names, build=build, gid=f"{group}/{name}/{step}":
+                                 run_group(gid, names, build, ctx.device, {**ctx.op_timing, "flush_l2": True})))
     return out

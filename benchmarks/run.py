@@ -13,8 +13,13 @@ same process, and every ratio (GB/s fraction, MFU) is taken against them. The JS
 after every case, so a run that is cut off keeps what it finished; ``--append`` adds to an existing
 file instead of replacing it. ``--budget-s`` skips cases that would not finish in time (each case
 carries a cost estimate; compiled ones learn from the compile times measured so far).
+Cases compared in ratios are timed together, interleaved in rounds (``common.CaseGroup``): the
+variants of one model and mode, the implementations of one op and step. A group runs the members
+selected, the most important first under a time budget; each record names its group and its time
+ratio to every other member, median and p10 / p90 over rounds (``ratios``).
 The result: ``{"runs": [provenance and ceilings of each run], "cases": {id: record}}``; a record has
-``median_ms``, ``p10_ms``, ``p90_ms``, ``reps`` and its figures, or ``error`` or ``skipped``.
+``median_ms``, ``p10_ms``, ``p90_ms``, ``reps`` and its figures, or ``error`` or ``skipped``, and the
+index of its run with that run's commit and ``dirty`` state.
 """
 from __future__ import annotations
 
@@ -32,7 +37,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
-GROUPS = ("attention", "scoring", "packing", "model", "scaling")
+GROUPS = ("attention", "scoring", "packing", "model", "scaling", "variants")
 QUICK_BATCH = {"stop-tiny": 2, "ViT-B-32": 1}  # the CPU's quick run
 
 
@@ -53,25 +58,30 @@ class Context:
         self.cache: Dict[Any, Any] = {}
         self.notes: Dict[str, Any] = {}
         if self.quick and device.type == "cpu":
-            self.timing = {"warmup": 2, "min_reps": 5, "target_s": 0.5}
+            # a shared 2-core machine: at least 9 rounds, so that a few disturbed ones do not move a
+            # ratio's median (a ViT-B/32 step takes ~1 s here: 9 repetitions each, ~1 minute a group)
+            self.timing = {"warmup": 2, "min_reps": 9, "target_s": 0.5, "min_rounds": 9}
         elif self.quick:
             self.timing = {"warmup": 2, "min_reps": 5, "target_s": 0.5}
         else:
             self.timing = {"warmup": 3, "min_reps": 10, "target_s": 1.0}
         # single ops take microseconds to a millisecond: a third of a second is hundreds of repetitions
-        self.op_timing = {"min_reps": self.timing["min_reps"], "target_s": min(self.timing["target_s"], 0.3)}
-        self._compile_seconds: List[float] = []
+        self.op_timing = {**self.timing, "target_s": min(self.timing["target_s"], 0.3)}
+        self.op_timing.pop("warmup")
+        self._compile_seconds: Dict[Any, List[float]] = {}
 
     def quick_batch(self, name: str) -> int:
         return QUICK_BATCH.get(name, 1)
 
-    def compile_estimate(self) -> float:
-        """Seconds a compiled case may take: 90 until one was measured, then the largest seen + 20%."""
-        return 1.2 * max(self._compile_seconds) + 5 if self._compile_seconds else 90.0
+    def compile_estimate(self, variant: Optional[str] = None, mode: Optional[str] = None) -> float:
+        """Seconds a compiled case may take: the longest first call seen of the same variant and mode
+        (any model; else of any compiled case) + 20% + 5 s; 90 before any was measured."""
+        seen = self._compile_seconds.get((variant, mode)) or [s for v in self._compile_seconds.values() for s in v]
+        return 1.2 * max(seen) + 5 if seen else 90.0
 
     def observe(self, record: Dict[str, Any]) -> None:
         if "first_call_s" in record:
-            self._compile_seconds.append(record["first_call_s"])
+            self._compile_seconds.setdefault((record.get("variant"), record.get("mode")), []).append(record["first_call_s"])
 
     def current_setup(self, factory, *key):
         """One model setup (model, batch, compiled callables) alive at a time: memory stays bounded."""
@@ -91,18 +101,33 @@ def default_context(device: torch.device, quick: bool = False) -> Context:
     return Context(args, device)
 
 
-def all_cases(ctx: Context) -> List[common.Case]:
+def all_cases(ctx: Context) -> List[Any]:
+    """Every Case and CaseGroup of every module, the most important first."""
     import bench_attention
+    import bench_kernel_variants
     import bench_model
     import bench_packing
     import bench_scaling
     import bench_scoring
 
     modules = {"attention": bench_attention, "scoring": bench_scoring, "packing": bench_packing,
-               "model": bench_model, "scaling": bench_scaling}
+               "model": bench_model, "scaling": bench_scaling, "variants": bench_kernel_variants}
     # by priority (0: the essential figures, higher: costlier or secondary ones), then in group order
     # and as each module lists them (sorted is stable): a time budget cuts the least important cases
     return sorted((case for group in GROUPS for case in modules[group].cases(ctx)), key=lambda c: c.priority)
+
+
+def selection(items, patterns: Optional[List[str]]):
+    """(item, [(member name, Case)]) for every Case or CaseGroup with a selected case id."""
+    out = []
+    for item in items:
+        if isinstance(item, common.CaseGroup):
+            members = [(name, case) for name, case in item.members.items() if selected(case.id, patterns)]
+        else:
+            members = [(None, item)] if selected(item.id, patterns) else []
+        if members:
+            out.append((item, members))
+    return out
 
 
 def selected(case_id: str, patterns: Optional[List[str]]) -> bool:
@@ -121,6 +146,30 @@ def load_existing(path: str) -> Dict[str, Any]:
         raise SystemExit(f"--out {path}: exists but is not a results file of this suite; choose another path")
     data.setdefault("runs", [])
     return data
+
+
+def within_budget(members, elapsed: float, budget_s: Optional[float]):
+    """The members to run, most important first, while their estimates fit in ``budget_s`` after
+    ``elapsed`` seconds, and a ``skipped`` record for each of the others: (runnable, {id: record})."""
+    runnable, skipped = [], {}
+    planned = elapsed
+    for name, case in sorted(members, key=lambda m: m[1].priority):
+        estimate = case.estimate_s() if callable(case.estimate_s) else case.estimate_s
+        if budget_s is not None and planned + estimate > budget_s:
+            skipped[case.id] = {"skipped": f"time budget: {planned:.0f} s spent or planned, ~{estimate:.0f} s "
+                                           f"needed, --budget-s {budget_s:.0f}"}
+        else:
+            runnable.append((name, case))
+            planned += estimate
+    return runnable, skipped
+
+
+def ratio_line(record: Dict[str, Any]) -> Optional[str]:
+    """``vs X 0.62x [0.60-0.65]`` for each member interleaved with this one."""
+    if not record.get("ratios"):
+        return None
+    return "    time / " + ", ".join(f"{other} {r['median']:.3f}x [{r['p10']:.3f}-{r['p90']:.3f}]"
+                                     for other, r in record["ratios"].items()) + f"  ({record['interleaved']['rounds']} rounds)"
 
 
 def line(case_id: str, record: Dict[str, Any]) -> str:
@@ -158,6 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                              "(default: torch.compile's default). max-autotune-no-cudagraphs benchmarks GEMM "
                              "templates with fused epilogues; its first calls take minutes")
     parser.add_argument("--budget-s", type=float, help="skip cases that would end after this many seconds")
+    parser.add_argument("--note", help="recorded in the run, e.g. what else ran on the machine meanwhile")
+    parser.add_argument("--threads", type=int, help="torch's intra-op threads (default: 1 for --quick on a CPU, where "
+                        "two threads on two busy cores moved the ViT-B/32 training ratio by 1.25x and one thread by at "
+                        "most 13%%, so its verdicts hold on a shared machine; torch's own elsewhere)")
     parser.add_argument("--append", action="store_true", help="add to --out instead of replacing it")
     parser.add_argument("--list", action="store_true", help="print the selected case ids and exit")
     return parser
@@ -173,6 +226,12 @@ def main(argv=None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is visible")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.threads is None and args.quick and device.type == "cpu":
+        args.threads = 1
+    if args.threads is not None:
+        if args.threads < 1:
+            parser.error("--threads must be positive")
+        torch.set_num_threads(args.threads)
     ctx = Context(args, device)
     if device.type == "cuda":
         # open_clip's conv1 (and the reference path's convolutions) under cuDNN's heuristic choice ran
@@ -182,17 +241,17 @@ def main(argv=None) -> int:
     if device.type == "cpu" and args.no_compile_on_cpu:
         ctx.notes["compiled"] = "torch.compile cases skipped (--no-compile-on-cpu)"
     patterns = [p.strip() for p in args.only.split(",") if p.strip()] if args.only else None
-    cases = [c for c in all_cases(ctx) if selected(c.id, patterns)]
+    chosen = selection(all_cases(ctx), patterns)
     if args.list:
-        print("\n".join(c.id for c in cases))
+        print("\n".join(case.id for _, members in chosen for _, case in members))
         return 0
-    if not cases:
+    if not chosen:
         parser.error(f"--only {args.only!r} selects no case (see --list)")
 
     start = time.perf_counter()
     results = load_existing(args.out) if args.append else {"runs": [], "cases": {}}
     run = {**common.provenance(device), "quick": args.quick, "batch": args.batch, "frames": args.frames,
-           "only": args.only, "budget_s": args.budget_s, "compile_mode": args.compile_mode or "default",
+           "only": args.only, "budget_s": args.budget_s, "note": args.note, "compile_mode": args.compile_mode or "default",
            "cudnn_benchmark": bool(torch.backends.cudnn.benchmark) if device.type == "cuda" else None}
     try:
         ctx.ceilings = common.ceilings(device, args.quick)
@@ -208,32 +267,45 @@ def main(argv=None) -> int:
     common.write_json(args.out, results)
 
     failures = 0
-    for case in cases:
-        estimate = case.estimate_s() if callable(case.estimate_s) else case.estimate_s
+    count = 0
+    for item, members in chosen:
         elapsed = time.perf_counter() - start
-        if args.budget_s is not None and elapsed + estimate > args.budget_s:
-            record: Dict[str, Any] = {"skipped": f"time budget: {elapsed:.0f} s spent, ~{estimate:.0f} s needed, "
-                                                 f"--budget-s {args.budget_s:.0f}"}
-        else:
+        runnable, records = within_budget(members, elapsed, args.budget_s)
+        if runnable:
             try:
-                record = case.run()
+                if isinstance(item, common.CaseGroup):
+                    ids = {name: case.id for name, case in runnable}
+                    measured = item.run(list(ids))
+                    records.update({ids[name]: measured.get(name, {"error": "the group returned no record"})
+                                    for name in ids})
+                else:
+                    records[item.id] = item.run()
             except common.Unavailable as exc:
-                record = {"skipped": f"unavailable: {exc}"}
+                records.update({case.id: {"skipped": f"unavailable: {exc}"} for _, case in runnable})
             except Exception as exc:  # noqa: BLE001 - one case failing must not lose the others
-                record = {"error": common.describe_error(exc)}
-                failures += 1
+                message = common.describe_error(exc)
+                records.update({case.id: {"error": message} for _, case in runnable})
                 if device.type == "cuda":
                     torch.cuda.empty_cache()
-        record["run"] = run_index
-        record["wall_s"] = round(time.perf_counter() - start - elapsed, 2)
-        ctx.observe(record)
-        results["cases"][case.id] = record
+        wall = round(time.perf_counter() - start - elapsed, 2)
+        for _, case in members:
+            record = records[case.id]
+            record.update(run=run_index, commit=run["commit"], dirty=run["dirty"])
+            record["group_wall_s" if isinstance(item, common.CaseGroup) else "wall_s"] = wall
+            failures += "error" in record
+            count += 1
+            ctx.observe(record)
+            results["cases"][case.id] = record
+            print(line(case.id, record), flush=True)
+            ratios = ratio_line(record)
+            if ratios:
+                print(ratios, flush=True)
         run["notes"] = ctx.notes
         common.write_json(args.out, results)
-        print(line(case.id, record), flush=True)
+    run["loadavg_end"] = common.load_average()
     run["wall_s"] = round(time.perf_counter() - start, 1)
     common.write_json(args.out, results)
-    print(f"{len(cases)} cases, {failures} errors, {run['wall_s']} s; wrote {args.out}")
+    print(f"{count} cases, {failures} errors, {run['wall_s']} s; wrote {args.out}")
     return 1 if failures else 0
 
 
