@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import secrets
 import time
 import zlib
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
@@ -93,7 +94,9 @@ def build_index(out: str, videos: Sequence[str], config=None, checkpoint: Option
                            f"index {out}", ADVICE)
             plan = _on_rank0(lambda: _plan(out, videos, provenance), info, device)
             todo = _broadcast(plan.todo if plan else None, info)
-            run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-r{info.rank}"
+            # unique per build: a resumed build in the same process and second must not overwrite the work
+            # shards of the one it resumes
+            run = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}-{secrets.token_hex(4)}-r{info.rank}"
             written: List[str] = []
 
             def on_chunk(rows: store.Rows, failed: List[dict]) -> None:
