@@ -36,7 +36,7 @@ def encode_videos(model, config, files: Sequence[VideoFile], info, device: torch
     """Encode this rank's share of ``files`` (the loader shards them over ``info``'s ranks), handing
     rows and failures to ``on_chunk``; returns ``{"videos", "failed", "seconds"}`` of this rank."""
     from ..data import Sample, VideoDataset
-    from ..data.views import average_views
+    from ..train.evaluation import encode_batch
     from ..train.setup import autocast_for, build_loader, make_encoder
 
     dataset = VideoDataset("index", "index", [Sample(f.path) for f in files], task="retrieval")
@@ -65,13 +65,7 @@ def encode_videos(model, config, files: Sequence[VideoFile], info, device: torch
         pending, failed, last_flush = [], [], time.perf_counter()
 
     for batch in loader:
-        video = batch["video"].to(device, non_blocking=True)
-        if views > 1:
-            video = video.flatten(0, 1)
-        with autocast():
-            feats = encoder(video).float()
-        if views > 1:
-            feats = F.normalize(average_views(feats, views), dim=-1)
+        feats = encode_batch(encoder, batch, device, autocast, views)
         index, valid = batch["index"].tolist(), batch["valid"].tolist()
         keep = [j for j, (i, ok) in enumerate(zip(index, valid)) if i >= 0 and ok]
         if keep:

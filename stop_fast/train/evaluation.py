@@ -18,24 +18,27 @@ from .setup import (autocast_for, build_datasets, build_loader, build_task, eval
 
 
 @torch.no_grad()
-def encode_loader(encoder: Callable, loader, size: int, info: distributed.Dist, device: torch.device,
-                  autocast, views: int = 1):
-    """Features of every video of an evaluation loader, in dataset order: ((n, E) fp32, valid (n,) bool).
-
-    Multi-view batches (B, views, T, ...) are encoded view by view and averaged (then L2-normalised).
-    Videos that failed to decode come back with ``valid`` False."""
+def encode_batch(encoder: Callable, batch: Dict, device: torch.device, autocast, views: int = 1) -> torch.Tensor:
+    """(B, E) fp32 features of an evaluation batch; multi-view batches (B, views, T, ...) are encoded
+    view by view and averaged, then L2-normalised again."""
     from ..data.views import average_views
 
+    video = batch["video"].to(device, non_blocking=True)
+    if views > 1:
+        video = video.flatten(0, 1)
+    with autocast():
+        feats = encoder(video).float()
+    return F.normalize(average_views(feats, views), dim=-1) if views > 1 else feats
+
+
+@torch.no_grad()
+def encode_loader(encoder: Callable, loader, size: int, info: distributed.Dist, device: torch.device,
+                  autocast, views: int = 1):
+    """Features of every video of an evaluation loader, in dataset order: ((n, E) fp32, valid (n,) bool)
+    (:func:`encode_batch`). Videos that failed to decode come back with ``valid`` False."""
     feats, indices, valid = [], [], []
     for batch in loader:
-        video = batch["video"].to(device, non_blocking=True)
-        if views > 1:
-            video = video.flatten(0, 1)
-        with autocast():
-            f = encoder(video).float()
-        if views > 1:
-            f = F.normalize(average_views(f, views), dim=-1)
-        feats.append(f)
+        feats.append(encode_batch(encoder, batch, device, autocast, views))
         indices.append(batch["index"].to(device))
         valid.append(batch["valid"].to(device))
     feats = distributed.gather_rows(torch.cat(feats), info)
