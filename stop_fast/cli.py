@@ -12,6 +12,7 @@ import importlib
 import os
 import re
 import sys
+import warnings
 from typing import List, Optional
 
 from . import __version__
@@ -70,6 +71,10 @@ def _user_error_message(exc: BaseException) -> Optional[str]:
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     debug = args.debug or os.environ.get("STOP_FAST_DEBUG", "0") not in ("", "0")
+    form = warnings.formatwarning
+    if not debug:  # a warning is one line naming the command, like an error (--debug: Python's own form)
+        warnings.formatwarning = lambda message, *rest, **kw: (
+            f"stop-fast {args.command}: warning: {' '.join(_ANSI.sub('', str(message)).split())}\n")
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
@@ -84,6 +89,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             raise
         print(f"stop-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
+    finally:
+        warnings.formatwarning = form
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -229,3 +229,15 @@ def test_convert_weights_refusals(capsys, tmp_path, scripted_weights):
     assert_one_line_error(*run_cli(capsys, "convert-weights", str(nan), str(tmp_path / "o.safetensors")),
                           "convert-weights", "w contains NaN")
     assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_warnings_are_one_line_naming_the_command():
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(stop_fast.__file__)),
+                                                        os.environ.get("PYTHONPATH", "")]))
+    env.pop("TRITON_INTERPRET", None)
+    done = subprocess.run([sys.executable, "-m", "stop_fast.cli", "encode", "--model", "stop-tiny", "--frames", "2",
+                           "--device", "cpu"], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == [
+        "stop-fast encode: warning: load_clip: stop-tiny has RANDOM weights (no weights file given, seed 0); "
+        "features are meaningless until you pass weights=<CLIP checkpoint>"]
