@@ -19,6 +19,42 @@ import torch
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def scoring_inputs(frames, n, width, heads, dtype=torch.float32, seed=0, with_w=True, device=DEVICE):
+    """Fresh random inputs of ``patch_scores``: tokens u, folded CLS keys and bias, Dyn and W logits."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(frames, n + 1, width, generator=g).to(device, dtype)
+    keys = (torch.randn(heads, width, generator=g) * width**-0.5 * 2).to(device)
+    bias = torch.randn(heads, generator=g).to(device)
+    dyn = (torch.randn(frames, n, generator=g) * 2).to(device).requires_grad_()
+    w = torch.randn(frames, n, generator=g).to(device).requires_grad_() if with_w else None
+    return u, keys, bias, dyn, w
+
+
+def packing_inputs(frames, n, width, k, rho, dtype=torch.float32, counts="random", seed=0, device=DEVICE):
+    """Fresh random inputs of ``pack_sequences`` (``counts``: random, ``zero`` or ``full`` = rho); any
+    frame count, none included."""
+    g = torch.Generator().manual_seed(seed)
+
+    def leaf(t):
+        return t.to(device=device, dtype=dtype).requires_grad_()
+
+    z = leaf(torch.randn(frames, n + 1, width, generator=g))
+    if counts == "zero" or rho == 0:
+        c = torch.zeros(frames, dtype=torch.int32)
+    elif counts == "full":
+        c = torch.full((frames,), rho, dtype=torch.int32)
+    else:
+        c = torch.randint(0, rho + 1, (frames,), generator=g, dtype=torch.int32)
+    idx = gate = intra = None
+    if k:
+        idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(frames)] or [torch.empty(0, k)])
+        idx = idx.to(device, torch.int64).view(frames, k)
+        gate = (torch.rand(frames, k, generator=g) * 2).to(device).requires_grad_()
+        intra = leaf(torch.randn(frames, k, width, generator=g))
+    inter = leaf(torch.randn(frames, rho, width, generator=g)) if rho else None
+    return z, c.to(device), idx, gate, intra, inter
+
+
 def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
 

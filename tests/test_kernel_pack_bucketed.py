@@ -11,39 +11,16 @@ import torch.nn.functional as F
 from stop_fast.kernels import cu_seqlens_from_counts, dispatch, pack_sequences
 from stop_fast.kernels.packing import BLOCK_R, compile_cases, pack_sequences_reference
 
-from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule
+from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule, packing_inputs
 
 packing = importlib.import_module("stop_fast.kernels.packing")
-
-
-def _inputs(frames, n, width, k, rho, dtype=torch.float32, counts="random", seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(t):
-        return t.to(device=device, dtype=dtype).requires_grad_()
-
-    z = leaf(torch.randn(frames, n + 1, width, generator=g))
-    if counts == "zero" or rho == 0:
-        c = torch.zeros(frames, dtype=torch.int32)
-    elif counts == "full":
-        c = torch.full((frames,), rho, dtype=torch.int32)
-    else:
-        c = torch.randint(0, rho + 1, (frames,), generator=g, dtype=torch.int32)
-    idx = gate = intra = None
-    if k:
-        idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(frames)] or [torch.empty(0, k)])
-        idx = idx.to(device, torch.int64).view(frames, k)
-        gate = (torch.rand(frames, k, generator=g) * 2).to(device).requires_grad_()
-        intra = leaf(torch.randn(frames, k, width, generator=g))
-    inter = leaf(torch.randn(frames, rho, width, generator=g)) if rho else None
-    return z, c.to(device), idx, gate, intra, inter
 
 
 def _check(frames, n, width, k, rho, dtype, pad, counts="random", seed=0):
     """``rows = total + pad``: the packed rows equal the default launch's bit for bit, the rest are
     zeros; the gradients from a (rows, D) gradient equal the default's from its first total rows;
     both against float64 by the 2x rule."""
-    z, c, idx, gate, intra, inter = _inputs(frames, n, width, k, rho, dtype, counts, seed)
+    z, c, idx, gate, intra, inter = packing_inputs(frames, n, width, k, rho, dtype, counts, seed)
     cu, total, _ = cu_seqlens_from_counts(c, n + 1)
     rows = total + pad
     out = pack_sequences(z, c, cu, total, idx, gate, intra, inter, rows=rows)
@@ -99,14 +76,14 @@ def test_single_frame_and_unaligned_rows():
 
 
 def test_no_frames():
-    z, c, idx, gate, intra, inter = _inputs(0, 9, 64, 2, 3)
+    z, c, idx, gate, intra, inter = packing_inputs(0, 9, 64, 2, 3)
     cu, total, _ = cu_seqlens_from_counts(c, 10)
     out = pack_sequences(z, c, cu, total, idx, gate, intra, inter, rows=5)
     assert out.shape == (5, 64) and not out.any()
 
 
 def test_rows_is_checked():
-    z, c, idx, gate, intra, inter = _inputs(2, 9, 64, 2, 3, device="cpu")
+    z, c, idx, gate, intra, inter = packing_inputs(2, 9, 64, 2, 3, device="cpu")
     cu, total, _ = cu_seqlens_from_counts(c, 10)
     for bad in (total - 1, 30.0, True, -1):
         with pytest.raises(ValueError, match="rows must be an int >= total_tokens"):
@@ -114,7 +91,7 @@ def test_rows_is_checked():
 
 
 def test_torch_compile_traces_it_without_graph_breaks():
-    z, c, idx, gate, intra, inter = _inputs(4, 16, 64, 3, 4)
+    z, c, idx, gate, intra, inter = packing_inputs(4, 16, 64, 3, 4)
     cu, total, _ = cu_seqlens_from_counts(c, 17)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
@@ -210,7 +187,7 @@ def _vit_b32_bucket(total: int) -> int:
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_on_gpu_vit_b32_shapes(dtype):
-    z, c, idx, gate, intra, inter = _inputs(384, 49, 768, 6, 12, dtype, device="cuda")
+    z, c, idx, gate, intra, inter = packing_inputs(384, 49, 768, 6, 12, dtype, device="cuda")
     cu, total, _ = cu_seqlens_from_counts(c, 50)
     rows = _vit_b32_bucket(total)
     out = pack_sequences(z, c, cu, total, idx, gate, intra, inter, rows=rows)
@@ -227,7 +204,7 @@ def test_on_gpu_bucketed_packing_is_faster():
     """The point of the variant: forward + backward of packing into the bucket beats pack + F.pad."""
     from triton.testing import do_bench
 
-    z, c, idx, gate, intra, inter = _inputs(384, 49, 768, 6, 12, torch.bfloat16, device="cuda")
+    z, c, idx, gate, intra, inter = packing_inputs(384, 49, 768, 6, 12, torch.bfloat16, device="cuda")
     cu, total, _ = cu_seqlens_from_counts(c, 50)
     rows = _vit_b32_bucket(total)
     dx = torch.randn(rows, 768, device="cuda", dtype=torch.bfloat16)

@@ -10,20 +10,10 @@ import torch
 from stop_fast.kernels import dispatch, patch_scores
 from stop_fast.kernels.scoring import compile_cases, patch_scores_reference
 
-from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule
+from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule, scoring_inputs
 
 scoring = importlib.import_module("stop_fast.kernels.scoring")
 FIELDS = ("attn", "dyn", "score", "gate", "variation")
-
-
-def _inputs(frames, n, width, heads, dtype=torch.float32, seed=0, with_w=True, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(frames, n + 1, width, generator=g).to(device, dtype)
-    keys = (torch.randn(heads, width, generator=g) * width**-0.5 * 2).to(device)
-    bias = torch.randn(heads, generator=g).to(device)
-    dyn = (torch.randn(frames, n, generator=g) * 2).to(device).requires_grad_()
-    w = torch.randn(frames, n, generator=g).to(device).requires_grad_() if with_w else None
-    return u, keys, bias, dyn, w
 
 
 def _clear_cut(score, k):
@@ -41,7 +31,7 @@ def _loss(r, dg, dv):
 def _check(frames, n, width, heads, k, dtype, seed, with_w=True, alpha=0.4, beta=4.0):
     """The split forward and the shared backward against float64 (2x rule) and against the one-pass
     kernel (same R, values equal to rounding), on the same fresh random inputs."""
-    u, keys, bias, dyn, w = _inputs(frames, n, width, heads, dtype, seed, with_w)
+    u, keys, bias, dyn, w = scoring_inputs(frames, n, width, heads, dtype, seed, with_w)
     split = patch_scores(u, keys, bias, dyn, w, k, alpha, beta, split=True)
     one_pass = patch_scores(u, keys, bias, dyn, w, k, alpha, beta, split=False)
     truth = patch_scores_reference(u.double(), keys.double(), bias.double(), dyn.double(),
@@ -121,7 +111,7 @@ def test_exact_ties_go_to_the_lower_index():
 
 
 def test_no_frames():
-    u, keys, bias, dyn, w = _inputs(0, 49, 64, 4)
+    u, keys, bias, dyn, w = scoring_inputs(0, 49, 64, 4)
     out = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0, split=True)
     assert out.topk_idx.shape == (0, 6) and out.score.shape == (0, 49) and out.variation.shape == (0,)
     grads = torch.autograd.grad(out.gate.sum() + out.variation.sum(), [dyn, w], allow_unused=True)
@@ -138,7 +128,7 @@ def test_the_switch_chooses_the_launch(monkeypatch):
         return launch(*args)
 
     monkeypatch.setattr(scoring, "_launch_forward", spy)
-    u, keys, bias, dyn, w = _inputs(2, 9, 16, 2)
+    u, keys, bias, dyn, w = scoring_inputs(2, 9, 16, 2)
     monkeypatch.delenv(dispatch.VARIANTS_ENV, raising=False)
     patch_scores(u, keys, bias, dyn, w, 3, 0.4, 4.0)
     with dispatch.kernel_variants("scoring_split"):
@@ -151,7 +141,7 @@ def test_the_switch_chooses_the_launch(monkeypatch):
 
 
 def test_torch_compile_traces_the_split_forward_without_graph_breaks():
-    u, keys, bias, dyn, w = _inputs(4, 16, 64, 2)
+    u, keys, bias, dyn, w = scoring_inputs(4, 16, 64, 2)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(dyn, w):
@@ -172,7 +162,7 @@ def test_split_configurations_compile_for_sm90_without_spills():
 @pytest.mark.parametrize("n, heads, width", [(49, 12, 768), (196, 12, 768), (256, 16, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_on_gpu_model_shapes(n, heads, width, dtype):
-    u, keys, bias, dyn, w = _inputs(384, n, width, heads, dtype, device="cuda")
+    u, keys, bias, dyn, w = scoring_inputs(384, n, width, heads, dtype, device="cuda")
     split = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0, split=True)
     one_pass = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0, split=False)
     truth = patch_scores_reference(u.double(), keys.double(), bias.double(), dyn.double(), w.double(), 6, 0.4, 4.0)
@@ -189,7 +179,7 @@ def test_on_gpu_split_is_faster_at_vit_b16():
     """The point of the variant: at N = 196 (384 frames, bf16) the split forward beats the one-pass one."""
     from triton.testing import do_bench
 
-    u, keys, bias, dyn, w = _inputs(384, 196, 768, 12, torch.bfloat16, device="cuda")
+    u, keys, bias, dyn, w = scoring_inputs(384, 196, 768, 12, torch.bfloat16, device="cuda")
     with torch.no_grad():
         ms = {split: do_bench(lambda: patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0, check_inputs=False, split=split))
               for split in (False, True)}

@@ -5,33 +5,11 @@ import torch
 from stop_fast.kernels import cu_seqlens_from_counts, pack_sequences
 from stop_fast.kernels.packing import compile_cases, pack_sequences_reference
 
-from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule
-
-
-def _inputs(frames, n, width, k, rho, dtype=torch.float32, counts="random", seed=0, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-
-    def leaf(t):
-        return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype).requires_grad_()
-
-    z = leaf(torch.randn(frames, n + 1, width, generator=g))
-    if counts == "zero" or rho == 0:
-        c = torch.zeros(frames, dtype=torch.int32)
-    elif counts == "full":
-        c = torch.full((frames,), rho, dtype=torch.int32)
-    else:
-        c = torch.randint(0, rho + 1, (frames,), generator=g, dtype=torch.int32)
-    idx = gate = intra = None
-    if k:
-        idx = torch.stack([torch.randperm(n, generator=g)[:k] for _ in range(frames)]).to(device)
-        gate = (torch.rand(frames, k, generator=g) * 2).to(device).requires_grad_()
-        intra = leaf(torch.randn(frames, k, width, generator=g))
-    inter = leaf(torch.randn(frames, rho, width, generator=g)) if rho else None
-    return z, c.to(device), idx, gate, intra, inter
+from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule, packing_inputs
 
 
 def _compare(frames, n, width, k, rho, dtype, counts="random", seed=0):
-    z, c, idx, gate, intra, inter = _inputs(frames, n, width, k, rho, dtype, counts, seed)
+    z, c, idx, gate, intra, inter = packing_inputs(frames, n, width, k, rho, dtype, counts, seed)
     cu, total, max_seqlen = cu_seqlens_from_counts(c, n + 1)
     assert total == frames * (n + 1) + int(c.sum()) and max_seqlen == n + 1 + (int(c.max()) if frames else 0)
     out = pack_sequences(z, c, cu, total, idx, gate, intra, inter)
@@ -66,7 +44,7 @@ def test_all_counts_zero_and_all_counts_rho(counts):
 
 
 def test_single_frame_and_layout():
-    z, c, idx, gate, intra, inter = _inputs(2, 4, 64, 2, 3, counts="random", seed=1)
+    z, c, idx, gate, intra, inter = packing_inputs(2, 4, 64, 2, 3, counts="random", seed=1)
     c = torch.tensor([3, 1], dtype=torch.int32, device=DEVICE)
     cu, total, _ = cu_seqlens_from_counts(c, 5)
     assert cu.tolist() == [0, 8, 14] and total == 14
@@ -79,14 +57,14 @@ def test_single_frame_and_layout():
 
 
 def test_gradcheck_float64_through_the_pytorch_path():
-    z, c, idx, gate, intra, inter = _inputs(3, 5, 4, 2, 3, device="cpu")
+    z, c, idx, gate, intra, inter = packing_inputs(3, 5, 4, 2, 3, device="cpu")
     leaves = [t.detach().double().requires_grad_() for t in (z, gate, intra, inter)]
     cu, total, _ = cu_seqlens_from_counts(c, 6)
     assert torch.autograd.gradcheck(lambda a, b, d, e: pack_sequences(a, c, cu, total, idx, b, d, e), leaves)
 
 
 def test_torch_compile_traces_it_without_graph_breaks():
-    z, c, idx, gate, intra, inter = _inputs(4, 16, 64, 3, 4)
+    z, c, idx, gate, intra, inter = packing_inputs(4, 16, 64, 3, 4)
     cu, total, _ = cu_seqlens_from_counts(c, 17)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
@@ -99,7 +77,7 @@ def test_torch_compile_traces_it_without_graph_breaks():
 
 def test_unchecked_bad_counts_stay_in_bounds():
     """check_inputs=False with counts above rho: the kernel clamps, never reads past `inter`."""
-    z, c, idx, gate, intra, inter = _inputs(3, 8, 64, 2, 2)
+    z, c, idx, gate, intra, inter = packing_inputs(3, 8, 64, 2, 2)
     bad = torch.tensor([5, 0, 2], dtype=torch.int32, device=DEVICE)  # the kernel clamps: Triton, not PyTorch
     cu, total, _ = cu_seqlens_from_counts(bad, 9)
     out = pack_sequences(z, bad, cu, total, idx, gate, intra, inter, check_inputs=False)
@@ -126,7 +104,7 @@ def test_unchecked_bad_counts_stay_in_bounds():
     ],
 )
 def test_bad_input_is_refused_before_launch(change, match):
-    z, c, idx, gate, intra, inter = _inputs(4, 16, 64, 2, 4, device="cpu")
+    z, c, idx, gate, intra, inter = packing_inputs(4, 16, 64, 2, 4, device="cpu")
     cu, total, _ = cu_seqlens_from_counts(c, 17)
     args = dict(z=z, counts=c, cu=cu, total=total, idx=idx, gate=gate, intra=intra, inter=inter)
     args.update(change)
@@ -141,7 +119,7 @@ def test_every_shipped_configuration_compiles_for_sm90_without_spills():
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_on_gpu_vit_b32_shapes(dtype):
-    z, c, idx, gate, intra, inter = _inputs(384, 49, 768, 6, 12, dtype, device="cuda")
+    z, c, idx, gate, intra, inter = packing_inputs(384, 49, 768, 6, 12, dtype, device="cuda")
     z, c, idx, gate, intra, inter = [t.detach() for t in (z, c, idx, gate, intra, inter)]
     cu, total, _ = cu_seqlens_from_counts(c, 50)
     out = pack_sequences(z, c, cu, total, idx, gate, intra, inter)

@@ -5,17 +5,7 @@ import torch
 from stop_fast.kernels import patch_scores
 from stop_fast.kernels.scoring import compile_cases, patch_scores_reference
 
-from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule
-
-
-def _inputs(frames, n, width, heads, dtype=torch.float32, seed=0, with_w=True, device=DEVICE):
-    g = torch.Generator().manual_seed(seed)
-    u = torch.randn(frames, n + 1, width, generator=g).to(device, dtype)
-    keys = (torch.randn(heads, width, generator=g) * width**-0.5 * 2).to(device)
-    bias = torch.randn(heads, generator=g).to(device)
-    dyn = (torch.randn(frames, n, generator=g) * 2).to(device).requires_grad_()
-    w = torch.randn(frames, n, generator=g).to(device).requires_grad_() if with_w else None
-    return u, keys, bias, dyn, w
+from kernel_checks import DEVICE, assert_compiles_without_spills, assert_within_rule, scoring_inputs
 
 
 def _gap_ok(score, k):
@@ -27,7 +17,7 @@ def _gap_ok(score, k):
 
 
 def _compare(frames, n, width, heads, k, dtype, seed, with_w=True, alpha=0.4, beta=4.0):
-    u, keys, bias, dyn, w = _inputs(frames, n, width, heads, dtype, seed, with_w)
+    u, keys, bias, dyn, w = scoring_inputs(frames, n, width, heads, dtype, seed, with_w)
     fast = patch_scores(u, keys, bias, dyn, w, k, alpha, beta)
     truth = patch_scores_reference(u.double(), keys.double(), bias.double(), dyn.double(),
                                    w.double() if w is not None else None, k, alpha, beta)
@@ -71,7 +61,7 @@ def test_bf16_autocast_leaves_the_chain_in_fp32(triton, monkeypatch):
     included (autocast off inside, inputs upcast): the same result as without autocast."""
     if not triton:
         monkeypatch.setenv("STOP_FAST_DISABLE_TRITON", "1")
-    u, keys, bias, dyn, w = _inputs(5, 49, 64, 4, torch.bfloat16, seed=11)
+    u, keys, bias, dyn, w = scoring_inputs(5, 49, 64, 4, torch.bfloat16, seed=11)
     plain = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
     with torch.autocast(u.device.type, dtype=torch.bfloat16):
         mixed = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
@@ -102,7 +92,7 @@ def test_exact_ties_go_to_the_lower_index():
 
 
 def test_gate_sums_to_k_and_attention_leaves_mass_to_cls():
-    u, keys, bias, dyn, w = _inputs(4, 49, 128, 4)
+    u, keys, bias, dyn, w = scoring_inputs(4, 49, 128, 4)
     out = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
     torch.testing.assert_close(out.gate.sum(dim=1), torch.full((4,), 6.0, device=DEVICE))
     assert torch.all(out.attn.sum(dim=1) < 1) and torch.all(out.attn > 0)
@@ -110,7 +100,7 @@ def test_gate_sums_to_k_and_attention_leaves_mass_to_cls():
 
 
 def test_gradcheck_float64_through_the_pytorch_path():
-    u, keys, bias, dyn, w = _inputs(3, 9, 16, 2, dtype=torch.float64, device="cpu")
+    u, keys, bias, dyn, w = scoring_inputs(3, 9, 16, 2, dtype=torch.float64, device="cpu")
     dyn, w = dyn.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     keys, bias = keys.double(), bias.double()
 
@@ -122,7 +112,7 @@ def test_gradcheck_float64_through_the_pytorch_path():
 
 
 def test_torch_compile_traces_it_without_graph_breaks():
-    u, keys, bias, dyn, w = _inputs(4, 16, 64, 2)
+    u, keys, bias, dyn, w = scoring_inputs(4, 16, 64, 2)
 
     @torch.compile(fullgraph=True, backend="aot_eager")
     def f(dyn, w):
@@ -152,7 +142,7 @@ def test_torch_compile_traces_it_without_graph_breaks():
     ],
 )
 def test_bad_input_is_refused_before_launch(change, match):
-    u, keys, bias, dyn, w = _inputs(4, 16, 64, 2, device="cpu")
+    u, keys, bias, dyn, w = scoring_inputs(4, 16, 64, 2, device="cpu")
     args = dict(u=u, keys=keys, bias=bias, dyn=dyn, w=w, k=3, alpha=0.4, beta=4.0)
     args.update(change)
     with pytest.raises(ValueError, match=match):
@@ -167,7 +157,7 @@ def test_every_shipped_configuration_compiles_for_sm90_without_spills():
 @pytest.mark.parametrize("n, heads, width", [(49, 12, 768), (196, 12, 768), (256, 16, 1024)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_on_gpu_model_shapes(n, heads, width, dtype):
-    u, keys, bias, dyn, w = _inputs(64, n, width, heads, dtype, device="cuda")
+    u, keys, bias, dyn, w = scoring_inputs(64, n, width, heads, dtype, device="cuda")
     fast = patch_scores(u, keys, bias, dyn, w, 6, 0.4, 4.0)
     truth = patch_scores_reference(u.double(), keys.double(), bias.double(), dyn.double(), w.double(), 6, 0.4, 4.0)
     plain = patch_scores_reference(u.float(), keys, bias, dyn, w, 6, 0.4, 4.0)

@@ -187,3 +187,9 @@ def test_config_file_and_flags(tmp_path, capsys):
     cfg.write_text('dataset = "csv"\nbatch_szie = 2\n')
     code, _, err = run_cli(capsys, "train", "--config", str(cfg))
     assert code == 2 and "batch_szie" in err and str(cfg) in err
+
+
+def test_eval_seed_that_contradicts_the_checkpoint_is_named(trained, capsys):
+    _, out = trained
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", out, "--workers", "0", "--seed", "5")
+    assert code == 2 and "random weights (seed 0)" in err and "(seed 5)" in err and "--force" in err

@@ -88,6 +88,14 @@ def stop_settings(args) -> dict:
     return {field: values[flag] for flag, field in FLAT_MODEL_KEYS.items() if values.get(flag) is not None}
 
 
+def explicit_settings(args) -> set:
+    """The settings the user gave flags for that a checkpoint must not replace (its STOPConfig fields,
+    the backbone's GELU and random seed): ``model_from_checkpoint(keep=...)``. A flag that contradicts
+    the prompt file is then its mismatch error, naming the field."""
+    values = vars(args)
+    return set(stop_settings(args)) | {name for name in ("gelu", "seed") if values.get(name) is not None}
+
+
 def flag_message(message: str, given) -> str:
     """A config error ('k must be >= 0', 'stop: num_frames must be ...') prefixed with the flag that set
     the field, when one did (``given``: the fields the flags set): '--frames: num_frames must be ...'."""
@@ -190,7 +198,7 @@ def model_from_args(args, *, quiet_random_weights: bool = False):
     except ValueError as exc:
         raise CLIError(flag_message(str(exc), explicit)) from None
     check_memory(config.stop, device)
-    keep = set(explicit) | {name for name in ("gelu", "seed") if getattr(args, name) is not None}
+    keep = explicit_settings(args)
     with warnings.catch_warnings():
         if quiet_random_weights:
             warnings.filterwarnings("ignore", message=".*RANDOM weights.*")

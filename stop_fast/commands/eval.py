@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 
-from .common import output_file, run_settings_for, stop_settings
+from .common import explicit_settings, output_file, run_settings_for
 from .train import add_data_arguments, config_from_args, print_metrics
 from .errors import CLIError
 
@@ -46,7 +46,7 @@ def run(args) -> int:
     else:
         out = "eval-zero-shot.json"
     result = evaluate(config, args.checkpoint, zero_shot=args.zero_shot, out=out, force=args.force,
-                      keep=stop_settings(args))
+                      keep=explicit_settings(args))
     if int(os.environ.get("RANK", "0")) != 0:
         return 0
     what = "zero-shot CLIP (prompts off)" if args.zero_shot else result["checkpoint"]

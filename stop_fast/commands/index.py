@@ -27,7 +27,7 @@ import sys
 
 from ..config import IMPLS
 from ..train.config import DATASETS, DECODERS, GELUS, PRECISIONS
-from .common import existing_file, flag_message, resolve_device, run_settings_for, stop_settings
+from .common import existing_file, explicit_settings, flag_message, resolve_device, run_settings_for, stop_settings
 from .errors import CLIError
 
 # flags that describe the model or its settings: an existing index keeps its own
@@ -148,7 +148,7 @@ def run(args) -> int:
     config = config_from_args(args)
     from ..index import build_index
 
-    keep = set(stop_settings(args)) | {name for name in ("gelu", "seed") if getattr(args, name) is not None}
+    keep = explicit_settings(args)
     result = build_index(args.out, paths, config, args.checkpoint, zero_shot=args.zero_shot, keep=keep,
                          batch_size=args.batch_size, progress=args.progress, trust_torchscript=args.trust_weights)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -13,7 +13,7 @@ import json
 import os
 from typing import List
 
-from .common import existing_file, flag_message, resolve_device, run_settings_for, stop_settings
+from .common import existing_file, explicit_settings, flag_message, resolve_device, run_settings_for, stop_settings
 from .errors import CLIError
 
 
@@ -86,7 +86,7 @@ def run(args) -> int:
                              device=device).resolved(device.startswith("cuda"))
     except ValueError as exc:
         raise CLIError(flag_message(str(exc), {**explicit, "class_template": args.template})) from None
-    keep = set(explicit) | ({"seed"} if args.seed is not None else set())
+    keep = explicit_settings(args)
     model, config = model_from_checkpoint(config.with_stop(k=0, rho=0) if args.zero_shot else config,
                                           args.checkpoint, torch.device(device), keep=keep, force=args.force)
     features = video_features(model, config, torch.device(device), args.videos)
