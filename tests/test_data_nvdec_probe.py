@@ -30,12 +30,17 @@ class FakeCuda:
 
     def __init__(self, fail=None):
         self.fail = fail
-        self.released = False
+        self.released = self.retained = False
+        self.device_asked = None
 
     def __getattr__(self, name):
         def call(*args):
             if name == self.fail:
                 return 100
+            if name == "cuDevicePrimaryCtxRetain":
+                self.retained = True
+            if name == "cuDeviceGet":
+                self.device_asked = args[1].value
             if name == "cuDeviceGetCount":
                 args[0].contents.value = 1
             if name == "cuDeviceGetName":
@@ -78,17 +83,20 @@ def _loader(cuda=None, nvcuvid=None):
     (FakeCuda(), None, ["libnvcuvid.so.1 (libc6,x86-64) => /usr/lib/libnvcuvid.so.1"], "registered in ldconfig but"),
     (FakeCuda(fail="cuInit"), FakeNvcuvid(), [], "cuInit failed with 100 (CUDA_ERROR_NO_DEVICE)"),
     (FakeCuda(fail="cuDevicePrimaryCtxRetain"), FakeNvcuvid(), [], "cuDevicePrimaryCtxRetain failed"),
+    (FakeCuda(fail="cuCtxSetCurrent"), FakeNvcuvid(), [], "cuCtxSetCurrent failed"),
     (FakeCuda(), FakeNvcuvid(h264=False), [], "H.264 8-bit 4:2:0 is not supported"),
 ])
 def test_every_missing_piece_is_the_reason(cuda, nvcuvid, ldconfig, expected):
     result = nvdec_probe.probe(load=_loader(cuda, nvcuvid), ldconfig=lambda: ldconfig)
     assert result["nvdec_available"] is False and expected in result["reason"]
     assert result["ldconfig_nvcuvid"] == ldconfig
+    assert cuda is None or cuda.released == cuda.retained  # a retained context is always released
 
 
 def test_a_machine_with_nvdec_says_how_many_engines():
     cuda = FakeCuda()
-    result = nvdec_probe.probe(load=_loader(cuda, FakeNvcuvid()), ldconfig=lambda: [])
+    result = nvdec_probe.probe(load=_loader(cuda, FakeNvcuvid()), ldconfig=lambda: [], device_index=3)
+    assert cuda.device_asked == 3  # the GPU of the caller (a torchrun rank's), not always GPU 0
     assert result["nvdec_available"] is True and result["device"] == "Fake H100"
     assert result["codecs"]["h264"] == {"supported": True, "nvdecs": 7, "max_width": 8192, "max_height": 8192}
     assert set(result["codecs"]) == {"h264", "jpeg", "hevc", "vp9", "av1"} and cuda.released

@@ -196,3 +196,29 @@ def test_probe_video_records_the_index_of_a_long_gop_source(tmp_path):
     indices = sample_indices(record["frames"], 6, "train", random.Random(0))
     frames, _ = decode_frames(str(src), indices)
     assert [frame_number(f) for f in frames] == indices
+
+
+def test_copies_asked_for_later_or_otherwise_are_made_and_named_absolutely(tmp_path, monkeypatch):
+    """A video probed without copies gets one when copies are asked for; other copy settings or a
+    deleted copy make it again; a relative copy folder is recorded as an absolute path."""
+    from stop_fast.data.prepare import prepare
+
+    from data_fixtures import write_video
+
+    videos = tmp_path / "videos"
+    videos.mkdir()
+    write_video(videos / "a.mp4", num_frames=12, width=64, height=48, codec="libx264")
+    manifest = str(tmp_path / "m.jsonl")
+    assert prepare([str(videos / "a.mp4")], str(videos), manifest).summary["probed"] == 1
+    monkeypatch.chdir(tmp_path)
+    first = prepare([str(videos / "a.mp4")], str(videos), manifest, copy_dir="copies")
+    record = read_manifest(manifest)["a.mp4"]
+    assert first.summary["probed"] == 1 and record["prepared"] == str(tmp_path / "copies" / "a.mp4.mp4")
+    assert prepare([str(videos / "a.mp4")], str(videos), manifest, copy_dir="copies").summary["probed"] == 0
+    smaller = prepare([str(videos / "a.mp4")], str(videos), manifest, copy_dir="copies",
+                      settings=CopySettings(short_side=32))
+    assert smaller.summary["probed"] == 1 and read_manifest(manifest)["a.mp4"]["prepared_index"]["height"] == 32
+    (tmp_path / "copies" / "a.mp4.mp4").unlink()
+    again = prepare([str(videos / "a.mp4")], str(videos), manifest, copy_dir="copies",
+                    settings=CopySettings(short_side=32))
+    assert again.summary["probed"] == 1 and (tmp_path / "copies" / "a.mp4.mp4").is_file()

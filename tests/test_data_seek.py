@@ -99,6 +99,29 @@ def test_clips_show_the_sampled_frames(tmp_path):
         assert [frame_number(f) for f in rgb] == expected, mode
 
 
+def test_an_open_gop_cut_decodes_the_frames_it_shows(videos, tmp_path):
+    """A stream-copied cut at an open-GOP I frame keeps the leading B-frames the decoder never shows:
+    their packets would number frames that do not exist, so the file decodes forward."""
+    source, _ = videos["h264-open-gop.mkv"]
+    cut = tmp_path / "cut.mkv"
+    with av.open(str(source)) as inp, av.open(str(cut), "w") as out:
+        stream_in = inp.streams.video[0]
+        stream_out = out.add_stream_from_template(stream_in)
+        keys = 0
+        for packet in inp.demux(stream_in):
+            if packet.size == 0:
+                continue
+            keys += packet.is_keyframe
+            if keys >= 2:  # from the second key frame on, as `ffmpeg -ss ... -c copy` cuts
+                packet.stream = stream_out
+                out.mux(packet)
+    numbers = _forward_numbers(cut)
+    assert not probe_file(cut).seekable  # the demuxed index would count packets that show no frame
+    for indices in ([30], [25, 30], [0, 30], sample_indices(len(numbers), 12, "train", random.Random(3))):
+        frames, _ = decode_frames(cut, indices)
+        assert [frame_number(f) for f in frames] == [numbers[i] for i in indices], indices
+
+
 def test_a_wrong_index_falls_back_to_the_right_frames(videos):
     path, numbers = videos["vp9-gop8.webm"]
     good = probe_file(path, full_decode=True)

@@ -77,6 +77,21 @@ def test_eval_of_a_run_takes_its_settings_from_the_run(trained, capsys, tmp_path
         assert code == 0 and json.load(f)["frames"] == 2
 
 
+def test_a_run_whose_dataset_moved_says_which_path_is_gone(trained, capsys, caplog, tmp_path):
+    import shutil
+
+    _, out = trained
+    moved = tmp_path / "run"
+    shutil.copytree(out, moved)
+    record = json.loads((moved / "config.json").read_text())
+    record["video_root"] = str(tmp_path / "gone")
+    (moved / "config.json").write_text(json.dumps(record))
+    code, _, err = run_cli(capsys, "eval", "--checkpoint", str(moved), "--workers", "0")
+    assert code == 2 and "video_root is required" in err
+    assert any(f"the run's video_root {tmp_path / 'gone'} no longer exists; pass --video-root" in r.getMessage()
+               for r in caplog.records)
+
+
 def test_predict_seed_that_contradicts_the_checkpoint_is_named(trained, capsys):
     root, out = trained
     video = os.path.join(root, "videos", "right_0.mp4")

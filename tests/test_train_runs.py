@@ -117,7 +117,20 @@ def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(data, tmp_p
 
 
 # ---------------------------------------------------------------------------------------------- non-finite loss
-def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(data, tmp_path, monkeypatch):
+class _InfiniteGradient(torch.autograd.Function):
+    """The identity forward, an infinite gradient backward: a finite loss whose step makes NaN weights."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("inf")
+
+
+@pytest.mark.parametrize("poison", ["nan loss", "infinite gradient"])
+def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(data, tmp_path, monkeypatch, poison):
     from stop_fast.train.tasks import RecognitionTask
 
     real_loss, calls = RecognitionTask.loss, []
@@ -125,7 +138,9 @@ def test_a_non_finite_loss_stops_the_run_before_anything_is_saved(data, tmp_path
     def loss_turning_nan(self, features, batch, info):
         calls.append(1)
         value = real_loss(self, features, batch, info)
-        return value * float("nan") if len(calls) == 3 else value  # the third step's loss is NaN
+        if len(calls) != 3:  # the third step's
+            return value
+        return value * float("nan") if poison == "nan loss" else _InfiniteGradient.apply(value)
 
     monkeypatch.setattr(RecognitionTask, "loss", loss_turning_nan)
     out = tmp_path / "out"
@@ -217,3 +232,45 @@ def test_training_reads_a_prepare_manifests_copies(tmp_path, capsys):
 
     with pytest.raises(VideoDecodeError, match="failed to decode"):  # without the manifest nothing is left to read
         train(tiny(root, tmp_path / "without", epochs=1))
+
+
+def test_a_fresh_run_into_a_folder_with_checkpoints_is_refused_and_a_resume_from_an_older_one_drops_the_newer(
+        data, tmp_path):
+    out = tmp_path / "out"
+    train(tiny(data, out, epochs=3, save_every=1, keep_checkpoints=5, stop_after_steps=4))
+    with pytest.raises(ValueError, match=r"holds the checkpoints of an earlier run \(step 4\).*--resume auto"):
+        train(tiny(data, out, epochs=3))
+    assert ckpt.list_checkpoints(str(out / "checkpoints")) == [1, 2, 3, 4]  # nothing touched
+    older = ckpt.paths_for(str(out / "checkpoints"), 2)["state"]
+    result = train(tiny(data, out, epochs=3, save_every=1, keep_checkpoints=5, resume=older, stop_after_steps=1))
+    assert result["steps"] == 3 and ckpt.list_checkpoints(str(out / "checkpoints")) == [1, 2, 3]  # 4 abandoned
+    assert result["training_checkpoint"].endswith("step-00000003.pt")
+
+
+def test_a_stop_inside_an_accumulated_step_resumes_from_its_start(data, tmp_path, monkeypatch):
+    """A signal that also kills the loader's workers mid-step: the checkpoint is at the last optimiser
+    step, and the resumed run's losses are the uninterrupted run's."""
+    from stop_fast.data.loader import VideoLoader
+    from stop_fast.train.signals import StopRequest
+
+    settings = dict(epochs=2, batch_size=2, accumulation=2)  # 4 micro-batches of 1 video an epoch, 2 steps
+    train(tiny(data, tmp_path / "whole", **settings))
+    real_iter, seen, stopped = VideoLoader.__iter__, [], []
+
+    def dies_at_the_third_micro_batch(self):
+        for batch in real_iter(self):
+            seen.append(1)
+            if len(seen) == 3:  # one step done, one micro-batch of the next
+                stopped.append(1)
+                raise RuntimeError("DataLoader worker (pid 1234) is killed by signal: Interrupt")
+            yield batch
+
+    monkeypatch.setattr(VideoLoader, "__iter__", dies_at_the_third_micro_batch)
+    monkeypatch.setattr(StopRequest, "requested", property(lambda self: bool(stopped)))
+    first = train(tiny(data, tmp_path / "parted", **settings))
+    assert first["steps"] == 1 and ckpt.load(first["training_checkpoint"])["micro_batch"] == 2
+    monkeypatch.undo()
+    train(tiny(data, tmp_path / "parted", resume="auto", **settings))
+    whole = [r["loss"] for r in read_metrics(tmp_path / "whole" / "metrics.jsonl") if "loss" in r]
+    parted = [r["loss"] for r in read_metrics(tmp_path / "parted" / "metrics.jsonl") if "loss" in r]
+    assert parted == whole

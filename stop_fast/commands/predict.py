@@ -85,7 +85,7 @@ def run(args) -> int:
                              class_template=args.template, class_names=args.class_names, eval_frames=args.frames,
                              device=device).resolved(device.startswith("cuda"))
     except ValueError as exc:
-        raise CLIError(flag_message(str(exc), {**explicit, "class_template": args.template})) from None
+        raise CLIError(flag_message(str(exc), {k: v for k, v in vars(args).items() if v is not None})) from None
     keep = explicit_settings(args)
     model, config = model_from_checkpoint(config.with_stop(k=0, rho=0) if args.zero_shot else config,
                                           args.checkpoint, torch.device(device), keep=keep, force=args.force)

@@ -56,9 +56,10 @@ def ldconfig_nvcuvid() -> List[str]:
     return []
 
 
-def probe(load: Callable[[str], object] = ctypes.CDLL, ldconfig: Callable[[], List[str]] = ldconfig_nvcuvid) -> Dict:
-    """The answer as a dict (see the module docstring). ``load`` and ``ldconfig`` are replaceable so
-    that every failure path can be tested on a machine without a GPU."""
+def probe(load: Callable[[str], object] = ctypes.CDLL, ldconfig: Callable[[], List[str]] = ldconfig_nvcuvid,
+          device_index: int = 0) -> Dict:
+    """The answer for CUDA device ``device_index`` as a dict (see the module docstring). ``load`` and
+    ``ldconfig`` are replaceable so that every failure path can be tested on a machine without a GPU."""
     result: Dict = {"nvdec_available": False, "reason": "", "ldconfig_nvcuvid": ldconfig(), "device": None,
                     "codecs": {}}
 
@@ -94,16 +95,19 @@ def probe(load: Callable[[str], object] = ctypes.CDLL, ldconfig: Callable[[], Li
     if error or count.value < 1:
         return fail(error or "cuDeviceGetCount: no CUDA device")
     device = ctypes.c_int(0)
-    error = call("cuDeviceGet", ctypes.pointer(device), ctypes.c_int(0))
+    error = call("cuDeviceGet", ctypes.pointer(device), ctypes.c_int(device_index))
     if error:
         return fail(error)
     name = ctypes.create_string_buffer(256)
     if call("cuDeviceGetName", name, ctypes.c_int(256), device) is None:
         result["device"] = name.value.decode(errors="replace")
     previous, context = ctypes.c_void_p(), ctypes.c_void_p()
-    error = (call("cuCtxGetCurrent", ctypes.pointer(previous)) or call("cuDevicePrimaryCtxRetain", ctypes.pointer(context), device)
-             or call("cuCtxSetCurrent", context))
+    error = call("cuCtxGetCurrent", ctypes.pointer(previous)) or call("cuDevicePrimaryCtxRetain", ctypes.pointer(context), device)
     if error:
+        return fail(error)
+    error = call("cuCtxSetCurrent", context)
+    if error:
+        cuda.cuDevicePrimaryCtxRelease(device)  # what was retained is released on every path
         return fail(error)
     try:
         for codec, number in CODECS.items():
@@ -124,9 +128,10 @@ def probe(load: Callable[[str], object] = ctypes.CDLL, ldconfig: Callable[[], Li
 
 
 @functools.lru_cache(maxsize=None)
-def nvdec_usable() -> bool:
-    """Whether NVDEC decodes H.264 here (:func:`probe`, asked once per process)."""
-    return probe()["nvdec_available"]
+def nvdec_usable(device_index: int = 0) -> bool:
+    """Whether NVDEC of CUDA device ``device_index`` decodes H.264 (:func:`probe`, asked once per
+    process and device: under torchrun each rank asks about its own GPU)."""
+    return probe(device_index=device_index)["nvdec_available"]
 
 
 def main() -> int:

@@ -216,6 +216,7 @@ def prepare_one(job: Job) -> Dict:
             copy = reencode_video(job.path, job.copy, job.settings, VideoProbe.from_record(record))
             record["prepared"] = job.copy
             record["prepared_index"] = {**copy.record(), **state_fields(job.copy)}
+            record["prepared_settings"] = dataclasses.asdict(job.settings)
         except Exception as exc:
             record["ok"], record["error"] = False, f"re-encoding failed: {type(exc).__name__}: {exc}"
     return record
@@ -395,11 +396,24 @@ def prepare(paths: Iterable[str], root: str, manifest: str, copy_dir: Optional[s
         raise ValueError(f"the copy folder {copy_dir} lies inside the videos' root {root}: the copies would replace "
                          "originals or be copied again on the next run; choose a folder outside it")
     root = os.path.abspath(root)
+    copy_dir = os.path.abspath(copy_dir) if copy_dir is not None else None  # the manifest must name it from anywhere
     videos: Dict[str, str] = {}  # key -> path: a video named twice (relative and absolute) is one video
     for p in paths:
         videos.setdefault(manifest_key(p, root), p)
     done = read_manifest(manifest)
-    todo = [(p, k) for k, p in videos.items() if k not in done or not is_current(done[k], p)]
+
+    def needs_work(key: str, path: str) -> bool:
+        """Not probed, changed since, or (copies asked for) without a current copy made as asked."""
+        record = done.get(key)
+        if record is None or not is_current(record, path):
+            return True
+        if copy_dir is None or not record["ok"]:
+            return False
+        copy, index = record.get("prepared"), record.get("prepared_index")
+        return not (copy == copy_path(copy_dir, key, settings.codec) and isinstance(index, dict)
+                    and is_current(index, copy) and record.get("prepared_settings") == dataclasses.asdict(settings))
+
+    todo = [(p, k) for k, p in videos.items() if needs_work(k, p)]
     jobs = [Job(p, k, root, copy_path(copy_dir, k, settings.codec) if copy_dir else None, settings) for p, k in todo]
     bad: List[Dict] = []
     totals = dict(done)

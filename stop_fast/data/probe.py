@@ -306,6 +306,12 @@ def probe_file(path: str, full_decode: bool = False) -> VideoProbe:
             pts, keys = None, ()
             if codec in SEEKABLE_CODECS and _seekable_container(container) and first_packet_is_key:
                 pts, keys = _index(path, sorted(packet_pts, key=lambda p: (p is None, p or 0)), key_pts)
+            # Packets the decoder never outputs (the leading B-frames of an open-GOP cut, HEVC RASL
+            # pictures after a leading CRA) still have timestamps: then the demuxed index numbers
+            # frames that do not exist, and the first decoded frame is not its frame 0. Such a file
+            # decodes forward (the decoded index, from `prepare`, is exact for it).
+            if pts is not None and (first is None or first.pts != from_runs(pts)[0]):
+                pts, keys = None, ()
         duration = None
         if stream.duration is not None and stream.time_base is not None:
             duration = float(stream.duration * stream.time_base)
@@ -362,14 +368,6 @@ class ProbeCache:
             while len(self._probes) > self.capacity:
                 self._probes.popitem(last=False)
         return probe
-
-    def demote(self, path: str) -> None:
-        """Keep ``path``'s frame count but stop seeking in it: its timestamps proved not to name its
-        frames (a decoder output a frame the index does not know), so readers decode it forward."""
-        path = os.path.abspath(os.fspath(path))
-        with self._lock:
-            for key in [k for k in self._probes if k[0] == path]:
-                self._probes[key] = dataclasses.replace(self._probes[key], pts=None, key_frames=())
 
     def clear(self) -> None:
         with self._lock:

@@ -41,8 +41,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from .errors import VideoDecodeError
-from .probe import (VideoProbe, cached_probe, check_frame_size, display_rotation, from_runs, import_av, open_video,
-                    quarter_turns)
+from .probe import (VideoProbe, cached_probe, check_frame_size, color_range_name, display_rotation, from_runs,
+                    import_av, open_video, quarter_turns)
 from .sampling import resized_shape, sample_indices
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ class Scaler:
     def __call__(self, frame, width: Optional[int] = None, height: Optional[int] = None, format: str = "rgb24",
                  dst_color_range: Optional[str] = None):
         kwargs = dict(width=width, height=height, format=format, interpolation="BILINEAR",
-                      src_color_range="JPEG" if _full_range(frame) else "MPEG")
+                      src_color_range="JPEG" if color_range_name(frame) == "full" else "MPEG")
         if dst_color_range is not None:
             kwargs["dst_color_range"] = dst_color_range
         if self._threads:
@@ -78,10 +78,6 @@ class Scaler:
 
     def rgb(self, frame, width: Optional[int] = None, height: Optional[int] = None) -> np.ndarray:
         return self(frame, width, height).to_ndarray()
-
-
-def _full_range(frame) -> bool:
-    return int(getattr(frame, "color_range", 0) or 0) == 2 or frame.format.name.startswith("yuvj")
 
 
 def upright(rgb: np.ndarray, rotation) -> np.ndarray:

@@ -21,7 +21,6 @@ import time
 from typing import Callable, Dict, List, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from .sources import VideoFile
 from .store import Rows
@@ -72,7 +71,7 @@ def encode_videos(model, config, files: Sequence[VideoFile], info, device: torch
             pending.append(([index[j] for j in keep], feats if len(keep) == len(index) else feats[keep]))
         for i, ok in zip(index, valid):
             if i >= 0 and not ok:
-                alone = _encode_alone(model, config, files[i], device, autocast)
+                alone = _encode_alone(model, config, files[i], device)
                 if isinstance(alone, torch.Tensor):
                     pending.append(([i], alone))
                 else:
@@ -89,24 +88,33 @@ def encode_videos(model, config, files: Sequence[VideoFile], info, device: torch
     return {"videos": done, "failed": bad, "seconds": time.perf_counter() - tic}
 
 
-def _encode_alone(model, config, file: VideoFile, device, autocast):
+def encode_file(model, config, path: str, device) -> torch.Tensor:
+    """(1, E) fp32 feature of one video file with ``config``'s evaluation frames and views, decoded
+    with PyAV and encoded as evaluation encodes a batch (``evaluation.encode_batch``)."""
+    from ..data import read_video_clip
+    from ..data.views import read_video_views
+    from ..train.evaluation import encode_batch
+    from ..train.setup import autocast_for, make_encoder
+
+    views = config.eval_clips * config.eval_crops
+    if views > 1:
+        clip = read_video_views(path, config.eval_num_frames, model.image_size, config.eval_clips, config.eval_crops)
+    else:
+        clip = read_video_clip(path, config.eval_num_frames, size=model.image_size, mode="eval", backend="pyav")
+    return encode_batch(make_encoder(model, config.impl, False), {"video": clip[None]}, device,
+                        autocast_for(device, config.precision), views)
+
+
+def _encode_alone(model, config, file: VideoFile, device):
     """The feature (1, E) of a video the loader could not decode, read here with PyAV; or its failure
     record ``{"path", "size", "mtime_ns", "reason"}`` when that fails too."""
-    from ..data import VideoDecodeError, read_video_clip
-    from ..data.views import average_views, read_video_views
+    from ..data import VideoDecodeError
 
-    frames, views = config.eval_num_frames, config.eval_clips * config.eval_crops
     try:
-        if views > 1:
-            clip = read_video_views(file.path, frames, model.image_size, config.eval_clips, config.eval_crops)
-        else:
-            clip = read_video_clip(file.path, frames, size=model.image_size, mode="eval", backend="pyav")[None]
+        return encode_file(model, config, file.path, device)
     except Exception as exc:  # noqa: BLE001 - whatever broke, the video is named and counted, never fatal
         reason = exc.reason if isinstance(exc, VideoDecodeError) else f"{type(exc).__name__}: {exc}"
         return {"path": file.path, "size": file.size, "mtime_ns": file.mtime_ns, "reason": " ".join(reason.split())}
-    with autocast():
-        feats = model.encode_video(clip.to(device), impl=config.impl).float()
-    return F.normalize(average_views(feats, views), dim=-1) if views > 1 else feats
 
 
 class _Progress:

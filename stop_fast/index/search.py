@@ -20,7 +20,6 @@ import os
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 
 from . import store
 
@@ -146,22 +145,13 @@ class VideoIndex:
     def encode_video(self, path: Union[str, os.PathLike]) -> torch.Tensor:
         """(1, E) fp32 feature of a video file, with the index's frames and views (its evaluation
         clip(s) and crop(s), averaged), decoded with PyAV."""
-        from ..data import read_video_clip
-        from ..data.views import average_views, read_video_views
-        from ..train.setup import autocast_for, make_encoder
+        from .encode import encode_file
 
         path = os.fspath(path)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"query video {path}: no such file")
         model, config = self._query_model()
-        views = config.eval_clips * config.eval_crops
-        if views > 1:
-            clip = read_video_views(path, config.eval_num_frames, model.image_size, config.eval_clips, config.eval_crops)
-        else:
-            clip = read_video_clip(path, config.eval_num_frames, size=model.image_size, mode="eval")[None]
-        with autocast_for(self.device, config.precision)():
-            feats = make_encoder(model, config.impl, False)(clip.to(self.device)).float()
-        return F.normalize(average_views(feats, views), dim=-1) if views > 1 else feats
+        return encode_file(model, config, path, self.device)
 
     def _query_model(self):
         """The index's model and config on this index's device (built once, on first use)."""

@@ -69,7 +69,9 @@ def paths_for(folder: str, step: int) -> Dict[str, str]:
 
 
 def save(folder: str, step: int, model, state: Dict[str, Any], keep: int) -> str:
-    """Write checkpoint ``step`` (prompts, then state) and keep only the ``keep`` newest; returns the .pt path."""
+    """Write checkpoint ``step`` (prompts, then state) and keep only the ``keep`` newest up to it;
+    checkpoints past ``step`` (of a branch a resume from an older one abandoned, or damaged ones that
+    resume skipped) go first, so they can never outrank it. Returns the .pt path."""
     os.makedirs(folder, exist_ok=True)
     paths = paths_for(folder, step)
     with atomic_path(paths["prompts"]) as tmp:
@@ -77,7 +79,8 @@ def save(folder: str, step: int, model, state: Dict[str, Any], keep: int) -> str
     payload = {"format": FORMAT, "step": step, "prompts": os.path.basename(paths["prompts"]), **state}
     with atomic_path(paths["state"]) as tmp:
         torch.save(payload, tmp)
-    for old in list_checkpoints(folder)[:-keep]:
+    steps = list_checkpoints(folder)
+    for old in [s for s in steps if s > step] + [s for s in steps if s <= step][:-keep]:
         for p in paths_for(folder, old).values():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(p)

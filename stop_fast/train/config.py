@@ -17,12 +17,15 @@ place that knows the old names.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import os
 import warnings
 from typing import Any, Dict, Optional, Tuple
 
 from ..config import IMPLS, STOPConfig
+
+log = logging.getLogger(__name__)
 
 # Per dataset: the task, which splits train and evaluate, whether horizontal flips keep the labels
 # true (SPEC.md "Sampling": on for UCF101, HMDB51 and Kinetics; never for SSv2; off for captions,
@@ -270,6 +273,8 @@ def run_settings(folder: str) -> Dict[str, Any]:
     values = {name: getattr(config, name) for name in INHERITED_SETTINGS}
     for name in ("video_root", "train_list", "val_list", "manifest", "weights"):
         if values[name] is not None and not os.path.exists(values[name]):
+            log.warning("%s: the run's %s %s no longer exists; pass --%s", path, name, values[name],
+                        name.replace("_", "-"))
             values[name] = None
     return {k: v for k, v in values.items() if v is not None}
 

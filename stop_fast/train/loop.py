@@ -61,13 +61,14 @@ def micro_step(forward: Callable, task, batch: Dict, autocast, info: distributed
     return loss.detach()
 
 
-def optimiser_step(params, optimizer, scheduler, grad_clip: float) -> None:
-    """Clip the gradient norm (unless ``grad_clip`` is 0), step AdamW and the schedule, clear gradients."""
-    if grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+def optimiser_step(params, optimizer, scheduler, grad_clip: float) -> Optional[torch.Tensor]:
+    """Clip the gradient norm (unless ``grad_clip`` is 0), step AdamW and the schedule, clear gradients.
+    Returns the gradient norm before clipping (None without clipping), left on the device."""
+    norm = torch.nn.utils.clip_grad_norm_(params, grad_clip) if grad_clip > 0 else None
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
+    return norm
 
 
 class EncodeModule(nn.Module):
@@ -118,6 +119,10 @@ class Trainer:
     # ------------------------------------------------------------------ set-up
     def run(self) -> Dict[str, Any]:
         c, info = self.config, self.info
+        earlier = ckpt.list_checkpoints(self.ckpt_dir) if c.resume is None else []
+        if earlier:  # a fresh start here would prune them and mix two runs' records (checked holding the folder)
+            raise ValueError(f"--out {c.out} holds the checkpoints of an earlier run (step {earlier[-1]}): continue "
+                             "it with --resume auto, or choose another --out")
         with run_logging(c.out, "[rank %d] " % info.rank if info.enabled else ""):
             torch.manual_seed(c.seed)
             self.autocast = autocast_for(self.device, c.precision)
@@ -248,6 +253,7 @@ class Trainer:
         c, info = self.config, self.info
         limit = self.steps_per_epoch * c.accumulation  # micro-batches that make whole optimiser steps
         tic, videos = time.perf_counter(), 0
+        boundary = (self.running.clone(), self.running_steps)  # the loss record at the last optimiser step
         iterator = iter(self.train_loader)
         while micro < limit:
             try:
@@ -255,8 +261,10 @@ class Trainer:
             except StopIteration:
                 break
             except Exception:
-                if stop.requested:  # a signal that also reached the loader's workers: keep what we have
-                    self._save(epoch, micro, collective=False)
+                if stop.requested:  # a signal that also reached the loader's workers: keep what we have,
+                    # up to the last optimiser step (an unfinished step's micro-batches run again on resume)
+                    self.running, self.running_steps = boundary
+                    self._save(epoch, micro - micro % c.accumulation, collective=False)
                     return "stop"
                 raise
             last_micro = (micro + 1) % c.accumulation == 0
@@ -269,7 +277,9 @@ class Trainer:
             videos += batch["video"].shape[0] * info.world_size
             if not last_micro:
                 continue
-            optimiser_step(self.params, self.optimizer, self.scheduler, c.grad_clip)
+            norm = optimiser_step(self.params, self.optimizer, self.scheduler, c.grad_clip)
+            if norm is not None:  # an infinite gradient of a finite loss: clipping makes the weights NaN
+                self.finite &= torch.isfinite(norm)
             self.step += 1
             self.running_steps += 1
             bar.update(1)
@@ -283,6 +293,7 @@ class Trainer:
                     if c.progress and not self.bar_shown:
                         log.info("epoch %d/%d, step %d/%d: loss %.4f, lr %.2e, %.1f videos/s", epoch + 1, c.epochs,
                                  self.step, self.total_steps, record["loss"], record["lr"], record["videos_per_s"])
+            boundary = (self.running.clone(), self.running_steps)
             if c.save_every and self.step % c.save_every == 0:
                 self._save(epoch, micro)
             # a stop is agreed by every rank, at logging steps when there are several ranks
@@ -313,14 +324,17 @@ class Trainer:
         self.running_steps = 0
         return record
 
-    def _check_finite(self, loss_seen: Optional[float] = None, collective: bool = True) -> None:
-        """End the run (on every rank, when ``collective``) if a loss since the start was NaN or infinite."""
+    def _check_finite(self, loss_seen: Optional[float] = None, collective: bool = True, weights: bool = False) -> None:
+        """End the run (on every rank, when ``collective``) if a loss or a clipped gradient norm since the
+        start was NaN or infinite (``weights``: or a trainable weight is, which unclipped runs check)."""
         bad = not bool(self.finite) or (loss_seen is not None and not math.isfinite(loss_seen))
+        if weights and not bad:
+            bad = not all(bool(torch.isfinite(p).all()) for p in self.params)
         if distributed.any_rank(bad, self.info, self.device) if collective else bad:
             last = ckpt.latest(self.ckpt_dir)
             raise NonFiniteLossError(
-                f"the training loss became NaN or infinite at or before step {self.step}; the run stops without "
-                "saving, " + (f"its newest checkpoint is {last}" if last else "no checkpoint was written")
+                f"the training loss or gradients became NaN or infinite at or before step {self.step}; the run "
+                "stops without saving, " + (f"its newest checkpoint is {last}" if last else "no checkpoint was written")
                 + ". Lower --lr, check --weights and the data, or train in fp32 (--precision fp32)")
 
     # ------------------------------------------------------------------ checkpoints
@@ -341,7 +355,7 @@ class Trainer:
         return self._load(path, state)
 
     def _save(self, epoch: int, micro: int, collective: bool = True) -> None:
-        self._check_finite(collective=collective)
+        self._check_finite(collective=collective, weights=self.config.grad_clip == 0)
         if not self.info.main:
             return
         state = {

@@ -169,7 +169,7 @@ def build_loader(config: TrainConfig, dataset, mode: str, info: distributed.Dist
     views = (config.eval_clips, config.eval_crops) if mode == "eval" else (1, 1)
     decoder = config.decoder
     if decoder == "auto":
-        decoder = "dali" if device.type == "cuda" and dali_available() and nvdec_usable() else "pyav"
+        decoder = "dali" if device.type == "cuda" and dali_available() and nvdec_usable(device.index or 0) else "pyav"
     if decoder == "dali" and views != (1, 1):
         if config.decoder == "dali":
             log.info("multi-view evaluation decodes with PyAV (the DALI loader reads one view per video)")
