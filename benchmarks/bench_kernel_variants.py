@@ -2,7 +2,7 @@
 the default kernels they would replace, side by side in one process: each group times its default
 and its variant interleaved (``common.run_group``), so their ratio holds on a busy machine too.
 
-    python benchmarks/bench_kernel_variants.py --out variants.json          (standalone, any device)
+    python benchmarks/bench_kernel_variants.py --out variants.json     (= run.py --only variants; any device)
 
 Cases (``variants/<op>/<shape>/<default|variant>/<forward|forward_backward>``), inputs in bf16 on CUDA
 (fp32 on a CPU, where the ops run their PyTorch implementations unless TRITON_INTERPRET=1, so only a
@@ -28,12 +28,9 @@ and run this file (about 1-2 minutes, the Triton compiles and the attention auto
 """
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import sys
-import time
-from types import SimpleNamespace
 from typing import Any, Callable, Dict, Tuple
 
 import torch
@@ -199,53 +196,8 @@ def cases(ctx) -> list:
     return out
 
 
-def main(argv=None) -> int:
-    """Run every group (or those whose id starts with one of ``--only``), print each member's median
-    and its ratio to the other member, and write the records with the run's provenance as JSON."""
-    import common
+if __name__ == "__main__":  # the suite's runner, on this group only: `run.py --only variants` does the same
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import run
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", required=True, help="JSON file to write")
-    parser.add_argument("--device", choices=("cuda", "cpu"), help="default: cuda when available")
-    parser.add_argument("--quick", action="store_true", help="small shapes (a smoke test)")
-    parser.add_argument("--only", help="comma-separated group id prefixes, e.g. variants/attention")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    timing = {"min_reps": 10, "target_s": 0.3, "min_rounds": 7}
-    ctx = SimpleNamespace(device=device, quick=args.quick, op_timing=timing, compile_on_cpu=False, ceilings={})
-    try:
-        ctx.ceilings = common.ceilings(device, args.quick)
-    except Exception as exc:  # noqa: BLE001 - the cases still run; the copy fraction is left out
-        ctx.ceilings = {"error": common.describe_error(exc)}
-    run = {**common.provenance(device), "ceilings": ctx.ceilings, "quick": args.quick}
-    prefixes = [p.strip() for p in (args.only or "").split(",") if p.strip()]
-    results: Dict[str, Any] = {"runs": [run], "cases": {}}
-    start = time.perf_counter()
-    failures = 0
-    for group in cases(ctx):
-        if prefixes and not any(group.id.startswith(p) for p in prefixes):
-            continue
-        try:
-            records = group.run(list(group.members))
-        except Exception as exc:  # noqa: BLE001 - one group failing must not lose the others
-            records = {name: {"error": common.describe_error(exc)} for name in group.members}
-        for name, record in records.items():
-            record["run"] = 0
-            results["cases"][group.members[name].id] = record
-            failures += "error" in record
-            if "median_ms" in record:
-                ratios = ", ".join(f"/ {other} {r['median']:.3f}x ({r['p10']:.3f}-{r['p90']:.3f})"
-                                   for other, r in record.get("ratios", {}).items())
-                print(f"{group.members[name].id:58s} {record['median_ms']:8.3f} ms  {record.get('gbs', 0):7.0f} GB/s  "
-                      f"{record.get('backend', '')}  {ratios}", flush=True)
-            else:
-                print(f"{group.members[name].id:58s} {record}", flush=True)
-        common.write_json(args.out, results)
-    run["wall_s"] = round(time.perf_counter() - start, 1)
-    common.write_json(args.out, results)
-    print(f"{len(results['cases'])} cases, {failures} errors, {run['wall_s']} s; wrote {args.out}")
-    return 1 if failures else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run.main(["--only", "variants", *sys.argv[1:]]))
