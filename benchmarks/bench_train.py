@@ -114,10 +114,7 @@ def bench_step(args, impl: str, compile: bool, device: torch.device) -> dict:
     out = {"videos_per_s": round(args.batch / step_s, 2), "step_ms": round(1e3 * step_s, 3),
            "warmup_steps": len(times), "compile_s": round(max(0.0, warmup_s - len(times) * step_s), 2),
            "peak_memory_gb": round(peak_memory_gb(device), 3)}
-    del model, optimizer, batch
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    return out
+    return out  # the model, optimiser and batch are freed on return (main empties the CUDA cache)
 
 
 def bench_with_loader(args, impl: str, compile: bool, device: torch.device, root: str) -> dict:
@@ -278,6 +275,8 @@ def main() -> int:
         for name in variants:
             impl, compile = VARIANTS[name]
             entry = {"loader_excluded": bench_step(args, impl, compile, device)}
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
             print(f"{name}: loader excluded {entry['loader_excluded']}", flush=True)
             if not args.no_loader:
                 entry["loader_included"] = bench_with_loader(args, impl, compile, device, root)
